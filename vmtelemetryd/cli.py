@@ -1,0 +1,136 @@
+"""``vmtelemetryd [--config PATH] VERB``: the daemon and the operator's tools around it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from vmtelemetryd.config import Config, ConfigError, describe, load_config
+from vmtelemetryd.daemon import Daemon, open_sampler
+from vmtelemetryd.features import Features
+from vmtelemetryd.health import Health, default_status_path, read_status
+from vmtelemetryd.lineprotocol import encode
+from vmtelemetryd.logs import configure_logging, set_redacted
+from vmtelemetryd.sampler import SamplerError
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_UNAVAILABLE = 69
+EX_CONFIG = 78
+RUN_STATUS_PATH = Path("/run/vmtelemetryd/status.json")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verb == "status":
+        return _status(args.json)
+    path = Path(args.config) if args.config else None
+    try:
+        config = load_config(path, os.environ)
+    except ConfigError as exc:
+        print(f"vmtelemetryd: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    configure_logging(config.log_level)
+    set_redacted([config.influx_token.reveal()])
+    verbs = {
+        "run": lambda: Daemon(config, path, Health(default_status_path())).run(),
+        "once": lambda: _once(config),
+        "check-config": lambda: _check_config(config),
+        "show-config": lambda: _show_config(config),
+        "vms": lambda: _vms(config),
+    }
+    return verbs[args.verb]()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmtelemetryd", description="VM telemetry from libvirt to InfluxDB 3."
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="dotenv configuration file (default /etc/vmtelemetryd/vmtelemetryd.env)",
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs.add_parser("run", help="the daemon, in the foreground (the default)")
+    verbs.add_parser("once", help="sample twice and print the second sample's line protocol")
+    verbs.add_parser("check-config", help="validate the configuration: exit 0 or 78")
+    verbs.add_parser("show-config", help="the effective configuration, secrets masked")
+    verbs.add_parser("vms", help="the VMs being monitored, with their devices")
+    status = verbs.add_parser("status", help="what the running daemon reports")
+    status.add_argument("--json", action="store_true", help="the raw status document")
+    parser.set_defaults(verb="run", json=False)
+    return parser
+
+
+def _once(config: Config) -> int:
+    """Two samples an interval apart, so rates exist; nothing goes to the database."""
+    sampler = open_sampler(config)
+    features = Features(config.feature_window)
+    try:
+        features.derive(sampler.sample())
+        time.sleep(config.poll_interval)
+        sample = sampler.sample()
+    except SamplerError as exc:
+        print(f"vmtelemetryd: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    finally:
+        sampler.close()
+    lines = encode(sample, features.derive(sample))
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    return EX_OK
+
+
+def _check_config(config: Config) -> int:
+    source = config.source or "environment only"
+    print(f"configuration OK ({source})")
+    return EX_OK
+
+
+def _show_config(config: Config) -> int:
+    for name, value in describe(config):
+        print(f"{name}={value}")
+    return EX_OK
+
+
+def _vms(config: Config) -> int:
+    sampler = open_sampler(config)
+    try:
+        sample = sampler.sample()
+    except SamplerError as exc:
+        print(f"vmtelemetryd: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    finally:
+        sampler.close()
+    for vm in sorted(sample.vms, key=lambda v: v.name):
+        print(f"{vm.name}  {vm.uuid}  state={vm.metrics.get('state', '?')}")
+        for device in vm.devices:
+            print(f"    {device.kind:<4} {device.name}")
+    print(f"{len(sample.vms)} VMs on {sample.host}")
+    return EX_OK
+
+
+def _status(as_json: bool) -> int:
+    path = default_status_path() or RUN_STATUS_PATH
+    try:
+        report = read_status(path)
+    except (OSError, ValueError) as exc:
+        print(f"vmtelemetryd: no status at {path}: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return EX_OK
+    for key in sorted(report):
+        print(f"{key}: {_human(key, report[key])}")
+    return EX_OK
+
+
+def _human(key: str, value: object) -> str:
+    if isinstance(value, float) and key in ("last_poll", "last_write", "started"):
+        return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))} ({time.time() - value:.1f} s ago)"
+    return "-" if value is None else str(value)

@@ -1,0 +1,276 @@
+"""The main loop: one cycle per tick, signals turned into events it handles between cycles.
+
+Signal handlers only enqueue (as gunicorn's arbiter does): a reload or a
+stop never runs in the middle of a cycle, and a handler can never deadlock
+on a lock the interrupted code holds.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from vmtelemetryd.config import Config, ConfigError, load_config
+from vmtelemetryd.features import Features
+from vmtelemetryd.health import Health
+from vmtelemetryd.lineprotocol import encode, encode_line
+from vmtelemetryd.logs import configure_logging, set_redacted
+from vmtelemetryd.model import Sample
+from vmtelemetryd.sampler import Sampler, SamplerError, SamplerStuck
+from vmtelemetryd.scheduler import Ticker
+from vmtelemetryd.sender import Sender
+from vmtelemetryd.writer import Writer, WriterSettings, WriterStatus
+
+log = structlog.get_logger("vmtelemetryd")
+
+STOP_FLUSH_S = 20.0
+RELOAD_FLUSH_S = 5.0
+
+
+def open_sampler(config: Config) -> Sampler:
+    return Sampler(
+        config.libvirt_uri,
+        timeout=config.libvirt_timeout,
+        wants_domain=config.wants_domain,
+        filtered=bool(config.domains_include or config.domains_exclude),
+        host_tag=config.host_tag,
+    )
+
+
+def open_writer(config: Config) -> Writer:
+    sender = Sender(
+        config.influx_url,
+        config.influx_db,
+        config.influx_token.reveal(),
+        config.influx_write_api,
+    )
+    settings = WriterSettings(
+        batch_max_lines=config.batch_max_lines,
+        batch_max_sec=config.batch_max_sec,
+        spool_dir=config.spool_dir,
+        spool_max_bytes=config.spool_max_bytes,
+    )
+    writer = Writer(sender, settings)
+    writer.start()
+    return writer
+
+
+def _sampler_settings(config: Config) -> tuple[object, ...]:
+    return (
+        config.libvirt_uri,
+        config.libvirt_timeout,
+        config.domains_include,
+        config.domains_exclude,
+        config.host_tag,
+    )
+
+
+def _writer_settings(config: Config) -> tuple[object, ...]:
+    return (
+        config.influx_url,
+        config.influx_db,
+        config.influx_token.reveal(),
+        config.influx_write_api,
+        config.batch_max_lines,
+        config.batch_max_sec,
+        config.spool_dir,
+        config.spool_max_bytes,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CycleReport:
+    """What the last cycle did, for the status line, status.json and self-metrics."""
+
+    wall: float
+    duration_s: float
+    vms: int
+    error: str | None
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path | None, health: Health) -> None:
+        self.config = config
+        self._config_path = config_path
+        self._health = health
+        self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._sampler = open_sampler(config)
+        self._features = Features(config.feature_window)
+        self._writer = open_writer(config)
+        self._ticker = Ticker(config.poll_interval, time.monotonic())
+        self._generation = 1
+        self._reload_error: str | None = None
+        self._last: CycleReport | None = None
+        self._sample_errors = 0
+        self._started = time.time()
+
+    def run(self) -> int:
+        for signum, event in ((signal.SIGTERM, "stop"), (signal.SIGINT, "stop")):
+            signal.signal(signum, lambda *_, e=event: self._events.put(e))
+        signal.signal(signal.SIGHUP, lambda *_: self._events.put("reload"))
+        log.info("started", config=str(self._config_path), pid=os.getpid())
+        alive = self._cycle()
+        self._health.ready(self._summary())
+        while True:
+            self._report(alive)
+            event = self._wait(self._ticker.advance(time.monotonic()))
+            if event == "stop":
+                break
+            if event == "reload":
+                self._reload()
+                continue
+            alive = self._cycle()
+        self._shutdown()
+        return 0
+
+    def _wait(self, until: float) -> str | None:
+        """Sleep until the next tick, waking early for a signal's event."""
+        while (left := until - time.monotonic()) > 0:
+            try:
+                return self._events.get(timeout=left)
+            except queue.Empty:
+                continue
+        return None
+
+    def _cycle(self) -> bool:
+        """One tick's work; True when the daemon made progress (for the watchdog)."""
+        started = time.monotonic()
+        try:
+            sample = self._sampler.sample()
+        except SamplerError as exc:
+            self._sample_errors += 1
+            self._last = CycleReport(time.time(), time.monotonic() - started, 0, str(exc))
+            log.error("sample failed", error=str(exc))
+            return not isinstance(exc, SamplerStuck)
+        self._deliver(sample)
+        self._last = CycleReport(time.time(), time.monotonic() - started, len(sample.vms), None)
+        return True
+
+    def _deliver(self, sample: Sample) -> None:
+        lines = encode(sample, self._features.derive(sample))
+        status = self._writer.status()
+        own = self._own_metrics(sample, status)
+        if own is not None:
+            lines.append(own)
+        self._writer.submit(lines)
+
+    def _own_metrics(self, sample: Sample, status: WriterStatus) -> str | None:
+        last = self._last
+        fields: dict[str, int | float] = {
+            "vms": len(sample.vms),
+            "points_written": status.written,
+            "points_queued": status.queued,
+            "points_spooled": status.spooled,
+            "points_dropped": status.dropped,
+            "points_dead_lettered": status.dead_lettered,
+            "write_errors": status.write_errors,
+            "sample_errors": self._sample_errors,
+            "reconnects": self._sampler.reconnects,
+            "overruns": self._ticker.overruns,
+        }
+        if last is not None:
+            fields["poll_duration_s"] = float(last.duration_s)
+        return encode_line("vmtelemetryd", {"host": sample.host}, fields, sample.wall_ns)
+
+    def _reload(self) -> None:
+        self._health.reloading()
+        try:
+            config = load_config(self._config_path, os.environ)
+        except ConfigError as exc:
+            self._reload_error = str(exc)
+            log.error("reload rejected, running configuration kept", error=str(exc))
+        else:
+            self._apply(config)
+            self._reload_error = None
+            self._generation += 1
+            log.info("configuration reloaded", generation=self._generation)
+        self._health.ready(self._summary())
+
+    def _apply(self, config: Config) -> None:
+        """Rebuild only the stages whose settings changed; feature state is kept."""
+        old, self.config = self.config, config
+        configure_logging(config.log_level)
+        set_redacted([config.influx_token.reveal()])
+        if _sampler_settings(old) != _sampler_settings(config):
+            self._sampler.close()
+            self._sampler = open_sampler(config)
+        if _writer_settings(old) != _writer_settings(config):
+            self._writer.stop(RELOAD_FLUSH_S)
+            self._writer = open_writer(config)
+        if old.feature_window != config.feature_window:
+            self._features.resize(config.feature_window)
+        if old.poll_interval != config.poll_interval:
+            self._ticker.retune(config.poll_interval, time.monotonic())
+
+    def _shutdown(self) -> None:
+        log.info("stopping: flushing queued points", timeout_s=STOP_FLUSH_S)
+        self._health.stopping(STOP_FLUSH_S + 10)
+        self._writer.stop(STOP_FLUSH_S)
+        self._sampler.close()
+        self._report(alive=False)
+        log.info("stopped", **_counts(self._writer.status()))
+
+    def _report(self, alive: bool) -> None:
+        self._health.status(self._summary(), alive=alive)
+        try:
+            self._health.write_status(self._status_report())
+        except OSError as exc:
+            log.warning("cannot write status file", error=str(exc))
+
+    def _summary(self) -> str:
+        """The one line systemctl status shows."""
+        status = self._writer.status()
+        last = self._last
+        parts = [
+            f"{last.vms if last else 0} VMs",
+            f"poll {last.duration_s:.2f} s" if last else "no poll yet",
+            f"{status.queued} queued",
+        ]
+        if status.spooled:
+            parts.append(f"{status.spooled} spooled")
+        if status.last_write_wall is not None:
+            parts.append(f"last write {time.time() - status.last_write_wall:.1f} s ago")
+        error = self._reload_error or (last.error if last else None) or status.last_error
+        if error:
+            parts.append(f"error: {error}")
+        return ", ".join(parts)
+
+    def _status_report(self) -> dict[str, Any]:
+        status = self._writer.status()
+        last = self._last
+        return {
+            "pid": os.getpid(),
+            "started": self._started,
+            "generation": self._generation,
+            "config": str(self._config_path) if self._config_path else None,
+            "config_error": self._reload_error,
+            "vms": last.vms if last else 0,
+            "last_poll": last.wall if last else None,
+            "last_poll_duration_s": last.duration_s if last else None,
+            "last_sample_error": last.error if last else None,
+            "libvirt_connected": self._sampler.connected,
+            "reconnects": self._sampler.reconnects,
+            "overruns": self._ticker.overruns,
+            "last_write": status.last_write_wall,
+            "last_write_error": status.last_error,
+            "spool_error": status.spool_error,
+            **_counts(status),
+        }
+
+
+def _counts(status: WriterStatus) -> dict[str, int]:
+    return {
+        "queued": status.queued,
+        "spooled": status.spooled,
+        "written": status.written,
+        "dropped": status.dropped,
+        "dead_lettered": status.dead_lettered,
+        "write_errors": status.write_errors,
+    }

@@ -1,0 +1,265 @@
+"""The libvirt edge: one bulk stats request per cycle, turned into a ``Sample``.
+
+Every libvirt call runs on a daemon thread and is awaited with a timeout, so
+a hung libvirtd or QEMU monitor can stall neither the cycle past
+``LIBVIRT_TIMEOUT`` nor signal handling, nor the interpreter's exit. At most
+one call is in flight: a request stuck in libvirtd is not joined by another
+queued behind it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import libvirt
+
+from vmtelemetryd.model import DeviceKind, DeviceSample, Sample, VmSample
+
+T = TypeVar("T")
+
+STATS_GROUPS = (
+    libvirt.VIR_DOMAIN_STATS_STATE
+    | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+    | libvirt.VIR_DOMAIN_STATS_BALLOON
+    | libvirt.VIR_DOMAIN_STATS_VCPU
+    | libvirt.VIR_DOMAIN_STATS_INTERFACE
+    | libvirt.VIR_DOMAIN_STATS_BLOCK
+)
+# NOWAIT: a domain whose job is held (migration, stuck monitor) comes back
+# without its monitor groups instead of stalling every other domain.
+STATS_FLAGS = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+ACTIVE_ONLY = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+LIST_ACTIVE = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+
+VM_KEYS: Mapping[str, str] = {
+    "state.state": "state",
+    "cpu.time": "cpu_time_ns",
+    "cpu.user": "cpu_user_ns",
+    "cpu.system": "cpu_system_ns",
+    "vcpu.current": "vcpus",
+    "balloon.maximum": "mem_max_kib",
+    "balloon.current": "mem_current_kib",
+    "balloon.rss": "mem_rss_kib",
+    "balloon.usable": "mem_usable_kib",
+    "balloon.available": "mem_available_kib",
+    "balloon.unused": "mem_unused_kib",
+    "balloon.disk_caches": "mem_disk_caches_kib",
+    "balloon.swap_in": "swap_in_kib",
+    "balloon.swap_out": "swap_out_kib",
+    "balloon.major_fault": "major_faults",
+    "balloon.minor_fault": "minor_faults",
+}
+
+DEVICE_KEYS: Mapping[DeviceKind, Mapping[str, str]] = {
+    "nic": {
+        "rx.bytes": "rx_bytes",
+        "rx.pkts": "rx_packets",
+        "rx.errs": "rx_errors",
+        "rx.drop": "rx_drops",
+        "tx.bytes": "tx_bytes",
+        "tx.pkts": "tx_packets",
+        "tx.errs": "tx_errors",
+        "tx.drop": "tx_drops",
+    },
+    "disk": {
+        "rd.reqs": "rd_reqs",
+        "rd.bytes": "rd_bytes",
+        "wr.reqs": "wr_reqs",
+        "wr.bytes": "wr_bytes",
+        "fl.reqs": "fl_reqs",
+        "rd.times": "rd_time_ns",
+        "wr.times": "wr_time_ns",
+        "capacity": "capacity_bytes",
+        "allocation": "allocation_bytes",
+    },
+}
+GROUP_PREFIX: Mapping[DeviceKind, str] = {"nic": "net", "disk": "block"}
+
+BACKOFF_FIRST_S = 1.0
+BACKOFF_CAP_S = 60.0
+
+
+class SamplerError(Exception):
+    """Why this cycle has no sample: libvirt unreachable, slow or failing."""
+
+
+class SamplerStuck(SamplerError):
+    """libvirt took a request and has not answered: the daemon is not making progress."""
+
+
+def parse_vm(name: str, uuid: str, instance: int, stats: Mapping[str, Any]) -> VmSample:
+    """Turn one domain's libvirt stats dict into schema names; keep only what was reported."""
+    metrics = {field: int(stats[key]) for key, field in VM_KEYS.items() if key in stats}
+    devices: list[DeviceSample] = []
+    counts: dict[DeviceKind, int] = {}
+    for kind, prefix in GROUP_PREFIX.items():
+        count = stats.get(f"{prefix}.count")
+        if count is None:
+            continue
+        counts[kind] = int(count)
+        devices.extend(_parse_devices(kind, prefix, int(count), stats))
+    return VmSample(
+        name=name,
+        uuid=uuid,
+        instance=instance,
+        metrics=metrics,
+        devices=tuple(devices),
+        device_counts=counts,
+    )
+
+
+def _parse_devices(
+    kind: DeviceKind, prefix: str, count: int, stats: Mapping[str, Any]
+) -> list[DeviceSample]:
+    devices = []
+    keys = DEVICE_KEYS[kind]
+    for index in range(count):
+        head = f"{prefix}.{index}."
+        name = stats.get(head + "name")
+        if not name:
+            continue
+        counters = {f: int(stats[head + k]) for k, f in keys.items() if head + k in stats}
+        devices.append(DeviceSample(kind=kind, name=str(name), counters=counters))
+    return devices
+
+
+@dataclass
+class _Call:
+    """One libvirt call running on its own daemon thread."""
+
+    started: float
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class _TimedCaller:
+    """Runs blocking calls off the caller's thread, one at a time, with a deadline."""
+
+    def __init__(self) -> None:
+        self._pending: _Call | None = None
+
+    def call(self, fn: Callable[[], T], timeout: float, what: str) -> T:
+        if self._pending is not None and not self._pending.done.is_set():
+            stuck = time.monotonic() - self._pending.started
+            raise SamplerStuck(f"libvirt has not answered an earlier request for {stuck:.0f} s")
+        call = _Call(started=time.monotonic())
+        self._pending = call
+
+        def run() -> None:
+            try:
+                call.result = fn()
+            except BaseException as exc:  # handed to the waiting thread
+                call.error = exc
+            finally:
+                call.done.set()
+
+        threading.Thread(target=run, name=f"libvirt-{what}", daemon=True).start()
+        if not call.done.wait(timeout):
+            raise SamplerStuck(f"libvirt {what} timed out after {timeout:g} s")
+        if call.error is not None:
+            raise call.error
+        result: T = call.result
+        return result
+
+
+class Sampler:
+    """A read-only libvirt connection that yields one ``Sample`` per call.
+
+    Reconnects with capped exponential backoff; between attempts ``sample()``
+    fails fast instead of waiting on a dead daemon. Name, uuid and id come
+    with the handle each bulk request returns, at no extra RPC, so no domain
+    metadata needs caching.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        timeout: float,
+        wants_domain: Callable[[str], bool],
+        filtered: bool,
+        host_tag: str | None,
+    ) -> None:
+        self._uri = uri
+        self._timeout = timeout
+        self._wants_domain = wants_domain
+        self._filtered = filtered
+        self._host_tag = host_tag
+        self._caller = _TimedCaller()
+        self._conn: Any = None
+        self._host = host_tag or ""
+        self._next_attempt = 0.0
+        self._backoff = BACKOFF_FIRST_S
+        self._ever_connected = False
+        self.reconnects = 0
+        libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def sample(self) -> Sample:
+        conn = self._connection()
+        wall_ns = time.time_ns()
+        monotonic = time.monotonic()
+        try:
+            pairs = self._caller.call(lambda: self._request(conn), self._timeout, "stats request")
+        except libvirt.libvirtError as exc:
+            self.close()
+            raise SamplerError(f"libvirt stats request failed: {exc.get_error_message()}") from exc
+        vms = tuple(parse_vm(dom.name(), dom.UUIDString(), dom.ID(), stats) for dom, stats in pairs)
+        return Sample(host=self._host, wall_ns=wall_ns, monotonic=monotonic, vms=vms)
+
+    def close(self) -> None:
+        """Forget the connection; the next ``sample()`` opens a new one."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(SamplerError, libvirt.libvirtError):
+                self._caller.call(conn.close, self._timeout, "close")
+
+    def _request(self, conn: Any) -> list[tuple[Any, dict[str, Any]]]:
+        if not self._filtered:
+            result: list[tuple[Any, dict[str, Any]]] = conn.getAllDomainStats(
+                STATS_GROUPS, ACTIVE_ONLY | STATS_FLAGS
+            )
+            return result
+        domains = [d for d in conn.listAllDomains(LIST_ACTIVE) if self._wants_domain(d.name())]
+        if not domains:
+            return []
+        listed: list[tuple[Any, dict[str, Any]]] = conn.domainListGetStats(
+            domains, STATS_GROUPS, STATS_FLAGS
+        )
+        return listed
+
+    def _connection(self) -> Any:
+        if self._conn is not None:
+            return self._conn
+        now = time.monotonic()
+        if now < self._next_attempt:
+            wait = self._next_attempt - now
+            raise SamplerError(f"libvirt at {self._uri} unavailable; next attempt in {wait:.0f} s")
+        try:
+            conn = self._caller.call(
+                lambda: libvirt.openReadOnly(self._uri), self._timeout, "connect"
+            )
+            host = self._host_tag or self._caller.call(conn.getHostname, self._timeout, "hostname")
+        except (SamplerError, libvirt.libvirtError) as exc:
+            self._next_attempt = now + self._backoff
+            self._backoff = min(self._backoff * 2, BACKOFF_CAP_S)
+            reason = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+            raise SamplerError(f"cannot connect to libvirt at {self._uri}: {reason}") from exc
+        self._conn, self._host = conn, str(host)
+        self._backoff = BACKOFF_FIRST_S
+        self.reconnects += self._ever_connected
+        self._ever_connected = True
+        return conn
+
+
+def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; the daemon logs its own."""
