@@ -132,5 +132,6 @@ def _status(as_json: bool) -> int:
 
 def _human(key: str, value: object) -> str:
     if isinstance(value, float) and key in ("last_poll", "last_write", "started"):
-        return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))} ({time.time() - value:.1f} s ago)"
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        return f"{stamp} ({time.time() - value:.1f} s ago)"
     return "-" if value is None else str(value)
