@@ -1,0 +1,1 @@
+"""vmtelemetryd: VM telemetry from libvirt's bulk stats to InfluxDB 3 line protocol."""

@@ -30,10 +30,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb == "status":
         return _status(args.json)
     path = Path(args.config) if args.config else None
+    configure_logging("info")  # warnings about unknown variables, while loading
     try:
         config = load_config(path, os.environ)
     except ConfigError as exc:
-        print(f"vmtelemetryd: configuration error: {exc}", file=sys.stderr)
+        for variable, reason in exc.problems.items():
+            print(f"vmtelemetryd: configuration error: {variable}: {reason}", file=sys.stderr)
         return EX_CONFIG
     configure_logging(config.log_level)
     set_redacted([config.influx_token.reveal()])

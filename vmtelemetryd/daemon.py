@@ -112,10 +112,13 @@ class Daemon:
         self._started = time.time()
 
     def run(self) -> int:
-        for signum, event in ((signal.SIGTERM, "stop"), (signal.SIGINT, "stop")):
-            signal.signal(signum, lambda *_, e=event: self._events.put(e))
-        signal.signal(signal.SIGHUP, lambda *_: self._events.put("reload"))
-        log.info("started", config=str(self._config_path), pid=os.getpid())
+        for signum, name in (
+            (signal.SIGTERM, "stop"),
+            (signal.SIGINT, "stop"),
+            (signal.SIGHUP, "reload"),
+        ):
+            signal.signal(signum, lambda *_, e=name: self._events.put(e))
+        log.info("started", config=str(self.config.source or "environment only"), pid=os.getpid())
         alive = self._cycle()
         self._health.ready(self._summary())
         while True:
@@ -197,7 +200,8 @@ class Daemon:
         """Rebuild only the stages whose settings changed; feature state is kept."""
         old, self.config = self.config, config
         configure_logging(config.log_level)
-        set_redacted([config.influx_token.reveal()])
+        # The old token may still show up in an error from the writer being replaced.
+        set_redacted([old.influx_token.reveal(), config.influx_token.reveal()])
         if _sampler_settings(old) != _sampler_settings(config):
             self._sampler.close()
             self._sampler = open_sampler(config)

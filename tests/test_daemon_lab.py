@@ -1,0 +1,207 @@
+"""The daemon end to end against the lab: real libvirtd, real guests, real database."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import labkit
+import libvirt
+import pytest
+from daemonproc import DaemonProcess, lab_environment, run_verb
+from lineparse import Point, parse_lines
+
+pytestmark = pytest.mark.lab
+
+MARGIN_MS = 250
+MEASUREMENTS = {"vm_metrics", "vm_devices", "vm_totals", "vm_features"}
+
+
+def libvirt_devices(uri: str, name: str) -> list[tuple[str, str]]:
+    """(kind, target) of every NIC and disk, from the domain's own XML."""
+    conn = libvirt.openReadOnly(uri)
+    try:
+        root = ET.fromstring(conn.lookupByName(name).XMLDesc())
+    finally:
+        conn.close()
+    nics = [("nic", t.get("dev", "")) for t in root.findall("./devices/interface/target")]
+    disks = [("disk", t.get("dev", "")) for t in root.findall("./devices/disk/target")]
+    return sorted(nics + disks)
+
+
+def libvirt_stats(uri: str, names: Iterable[str]) -> tuple[float, dict[str, dict[str, Any]]]:
+    """A direct bulk read, with the wall-clock time (ms) it was taken."""
+    conn = libvirt.openReadOnly(uri)
+    try:
+        domains = [conn.lookupByName(n) for n in names]
+        before = time.time()
+        pairs = conn.domainListGetStats(domains, 0, 0)
+        taken_ms = (before + time.time()) / 2 * 1000
+    finally:
+        conn.close()
+    return taken_ms, {dom.name(): stats for dom, stats in pairs}
+
+
+def series_of(host: str, measurement_field: str, vm: str, **labels: str) -> list[tuple[int, float]]:
+    """(ms, value) pairs the lab database holds for one daemon run."""
+    selector = ",".join(
+        [f'__name__="{measurement_field}"', f'host="{host}"', f'vm="{_q(vm)}"']
+        + [f'{k}="{_q(v)}"' for k, v in labels.items()]
+    )
+    rows = labkit.query("{" + selector + "}")
+    pairs = [(t, v) for row in rows for t, v in zip(row["timestamps"], row["values"], strict=True)]
+    return sorted(pairs)
+
+
+def _q(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def test_once_prints_all_four_measurements_for_every_lab_guest(lab: Any, tmp_path: Path) -> None:
+    result = run_verb(lab_environment(lab, tmp_path), "once")
+    assert result.returncode == 0, result.stderr
+    points = parse_lines(result.stdout)
+    for guest in lab.guests:
+        mine = [p for p in points if p.tags["vm"] == guest]
+        assert {p.measurement for p in mine} == MEASUREMENTS, guest
+        devices = sorted(
+            (p.tags["kind"], p.tags["device"]) for p in mine if p.measurement == "vm_devices"
+        )
+        assert devices == libvirt_devices(lab.libvirt_uri, guest)
+        totals = next(p for p in mine if p.measurement == "vm_totals")
+        assert totals.fields["nics"] == sum(1 for k, _ in devices if k == "nic")
+        assert totals.fields["disks"] == sum(1 for k, _ in devices if k == "disk")
+        assert all(isinstance(v, int) for v in _of(mine, "vm_metrics").fields.values())
+        assert all(isinstance(v, float) for v in _of(mine, "vm_features").fields.values())
+
+
+def _of(points: list[Point], measurement: str) -> Point:
+    return next(p for p in points if p.measurement == measurement)
+
+
+def test_run_writes_what_libvirt_reports(lab: Any, tmp_path: Path) -> None:
+    busy, paused = lab.busy_guests[0], lab.paused_guests[0]
+    daemon = DaemonProcess(lab_environment(lab, tmp_path), tmp_path).start()
+    try:
+        daemon.wait_for(lambda s: s["written"] > 0, 30, "a first write")
+        t_start, start = libvirt_stats(lab.libvirt_uri, [busy, paused])
+        time.sleep(8)
+        t_end, end = libvirt_stats(lab.libvirt_uri, [busy, paused])
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    host = daemon.host
+
+    # A paused guest's counters stand still: the database holds exactly libvirt's values.
+    for target, key in (("vda", "wr_bytes"), ("vdb", "rd_bytes")):
+        stored = series_of(host, f"vm_devices_{key}", paused, device=target, kind="disk")
+        index = _block_index(end[paused], target)
+        assert stored[-1][1] == end[paused][f"block.{index}.{key.replace('_', '.')}"]
+    stored_max = series_of(host, "vm_metrics_mem_max_kib", paused)
+    assert stored_max[-1][1] == end[paused]["balloon.maximum"]
+
+    # The busy guest's counters grow: what the daemon stored between two direct reads
+    # lies between their values.
+    written = series_of(host, "vm_totals_disk_wr_bytes", busy)
+    # Margins: a sample is stamped before its call, which reads the counters a little later.
+    inside = [v for t, v in written if t_start + MARGIN_MS < t < t_end - MARGIN_MS]
+    assert len(inside) >= 10
+    low, high = _sum(start[busy], "block", "wr.bytes"), _sum(end[busy], "block", "wr.bytes")
+    assert all(low <= v <= high for v in inside), (low, inside, high)
+
+    # Rates agree with the load the guest makes, measured independently over the same span.
+    seconds = (t_end - t_start) / 1000
+    expected = {
+        "disk_wr_bps": (high - low) / seconds,
+        "net_tx_bps": (_sum(end[busy], "net", "tx.bytes") - _sum(start[busy], "net", "tx.bytes"))
+        / seconds,
+        "cpu_pct": (end[busy]["cpu.time"] - start[busy]["cpu.time"])
+        / seconds
+        / 1e9
+        / end[busy]["vcpu.current"]
+        * 100,
+    }
+    for field, want in expected.items():
+        values = [
+            v for t, v in series_of(host, f"vm_features_{field}", busy) if t_start < t < t_end
+        ]
+        assert want > 0, field
+        assert statistics.fmean(values) == pytest.approx(want, rel=0.35), (field, values)
+
+
+def _block_index(stats: dict[str, Any], target: str) -> int:
+    return next(i for i in range(stats["block.count"]) if stats[f"block.{i}.name"] == target)
+
+
+def _sum(stats: dict[str, Any], group: str, key: str) -> int:
+    return sum(stats.get(f"{group}.{i}.{key}", 0) for i in range(stats.get(f"{group}.count", 0)))
+
+
+ODD = 'odd name,with=eq "q" back\\slash ünïcødé, =x'
+
+
+def test_hostile_vm_and_device_names_come_back_exactly(lab: Any, tmp_path: Path) -> None:
+    name = lab.prefix + ODD
+    nic = 'vt,x="y\\z'
+    disks = [tmp_path / f'disk {i}, "a=b" \\ ü.qcow2' for i in (1, 2)]
+    labkit.create_guest(name, nic_dev=nic, disk_paths=disks)
+    try:
+        env = lab_environment(lab, tmp_path)
+        once = run_verb(env, "once")
+        assert once.returncode == 0, once.stderr
+        printed = [p for p in parse_lines(once.stdout) if p.tags["vm"] == name]
+        assert {p.measurement for p in printed} == MEASUREMENTS
+        assert {p.tags["device"] for p in printed if p.measurement == "vm_devices"} == {
+            nic,
+            "vda",
+            "vdb",
+        }
+        daemon = DaemonProcess(env, tmp_path).start()
+        try:
+            daemon.wait_for(lambda s: s["written"] > 0, 30, "a first write")
+        finally:
+            assert daemon.stop() == 0, daemon.output()
+        stored = labkit.query(f'{{__name__="vm_devices_rx_bytes",host="{daemon.host}"}}')
+        labels = {(row["metric"]["vm"], row["metric"]["device"]) for row in stored}
+        assert (name, nic) in labels, labels
+    finally:
+        labkit.destroy_guest(name)
+
+
+def test_daemon_reconnects_after_libvirtd_restarts(lab: Any, tmp_path: Path) -> None:
+    daemon = DaemonProcess(lab_environment(lab, tmp_path), tmp_path).start()
+    try:
+        daemon.wait_for(lambda s: s["written"] > 0, 30, "a first write")
+        labkit.restart_libvirtd()
+        restarted_ms = time.time() * 1000
+        daemon.wait_for(
+            lambda s: s["reconnects"] >= 1 and s["last_sample_error"] is None and s["vms"] > 0,
+            60,
+            "a reconnect",
+        )
+        time.sleep(2)
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    after = series_of(daemon.host, "vm_metrics_state", lab.busy_guests[0])
+    assert any(t > restarted_ms for t, _ in after), "no points after libvirtd came back"
+
+
+def test_guests_created_and_destroyed_while_running(lab: Any, tmp_path: Path) -> None:
+    name = lab.prefix + "churn"
+    daemon = DaemonProcess(lab_environment(lab, tmp_path), tmp_path).start()
+    try:
+        base = daemon.wait_for(lambda s: s["written"] > 0, 30, "a first write")["vms"]
+        for _ in range(2):
+            labkit.create_guest(name)
+            daemon.wait_for(lambda s: s["vms"] == base + 1, 30, "the new guest")
+            labkit.destroy_guest(name)
+            daemon.wait_for(lambda s: s["vms"] == base, 30, "the guest gone")
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    output = daemon.output()
+    assert "error" not in output.lower(), output
+    stored = series_of(daemon.host, "vm_metrics_state", name)
+    assert stored, "the short-lived guest's points are missing"

@@ -1,0 +1,5 @@
+import sys
+
+from vmtelemetryd.cli import main
+
+sys.exit(main())

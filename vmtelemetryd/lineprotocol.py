@@ -1,0 +1,215 @@
+r"""Line protocol for the four measurements of DESIGN.md "Schema".
+
+Escaping: what the parsers we write to actually do
+---------------------------------------------------
+Read in their sources (not only in the docs, which have disagreed over time):
+
+* InfluxDB 3 (crate ``influxdb_line_protocol``, ``src/lib.rs`` in
+  influxdata/influxdb3_core): in tag keys, tag values and field keys the
+  escapes ``\\ \, \= \ `` stand for the character after the backslash; any
+  other backslash is a literal one (``a\b`` reads ``a\b``). Tab and newline
+  end a tag value and cannot be escaped (``\<tab>`` reads as a backslash and
+  a tab). An empty tag value is an error. A measurement, tag or field key
+  whose *unescaped* value ends in a backslash is rejected
+  (``EndsWithBackslash``), however it is escaped.
+* VictoriaMetrics (``lib/protoparser/influx/parser.go``): the same
+  unescaping; a separator counts as escaped when an odd number of
+  backslashes precedes it; lines are split at every ``\n``; empty tags
+  are skipped.
+* InfluxDB 1.x/2.x, Go (``models/points.go``): unescapes only ``\, \= \ ``
+  (``\\`` stays two backslashes) and takes a separator as escaped when the
+  one byte before it is a backslash; an unescaped ``=`` in a tag value is an
+  error.
+* The InfluxDB 2.1+ and 3 docs: escape comma and space in measurements;
+  comma, equals and space in tag keys, tag values and field keys; two
+  backslashes read as one; newlines are not supported; tag values cannot be
+  empty, omit the tag instead.
+
+What we write, so that a name comes back as the value it was and never as
+an extra line, tag or field:
+
+* comma, space (and in keys and tag values, equals) get a backslash;
+* a backslash is doubled only where a parser would otherwise take it as an
+  escape: before a backslash, comma, equals or space. Elsewhere it is
+  written as it is, which every parser above reads back unchanged, the Go one
+  included (doubling every backslash would show ``back\\slash`` there);
+* what line protocol cannot carry becomes U+FFFD (the Unicode replacement
+  character): newline, carriage return and tab (they end a line or a value
+  and no escape brings them back; CR is also split on by line-oriented
+  tools), lone surrogates (not encodable as UTF-8), and a backslash ending a
+  value: InfluxDB 3 rejects such a line outright, and the Go parser would
+  read the separator after it as escaped. A VM called ``trailing\`` is thus
+  written as ``trailing<U+FFFD>``: a visible mark, and every point of the VM
+  still lands (the ``uuid`` tag identifies it exactly);
+* an empty tag value omits the tag, an empty field set omits the line.
+
+With this, InfluxDB 3 and VictoriaMetrics read every other value back
+exactly. The Go parser reads a backslash written before ``\ , = space`` as
+two backslashes: such a name is stored with one extra backslash, still as one
+tag value.
+
+Numbers: counters are integers (``i``) and must fit in int64 (InfluxDB 3
+rejects the whole line otherwise); derived values are written as Python's
+shortest round-trip ``repr`` of a float (``12.0``, ``1e+16``), finite only.
+A value that cannot be written is left out, like a value libvirt did not
+report.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+
+from vmtelemetryd.model import DEVICE_FIELDS, TOTAL_PREFIX, DeviceKind, Sample, VmFeatures, VmSample
+
+REPLACEMENT = "\ufffd"
+
+_I64_MIN = -(2**63)
+_I64_MAX = 2**63 - 1
+
+_NEEDS_WORK = re.compile(r"[\\ ,=\t\n\r\ud800-\udfff]")
+_UNCARRIABLE = re.compile(r"[\t\n\r\ud800-\udfff]")
+_BACKSLASH_BEFORE_ESCAPABLE = re.compile(r"\\(?=[\\ ,=])")
+_KEY_SPECIALS = re.compile(r"([ ,=])")
+_MEASUREMENT_SPECIALS = re.compile(r"([ ,])")
+
+_COUNT_FIELD: Mapping[DeviceKind, str] = {"nic": "nics", "disk": "disks"}
+_TOTAL_FIELDS: Mapping[DeviceKind, tuple[tuple[str, str], ...]] = {
+    kind: tuple((name, TOTAL_PREFIX[kind] + name) for name in names)
+    for kind, names in DEVICE_FIELDS.items()
+}
+
+
+def encode(sample: Sample, features: Mapping[str, VmFeatures]) -> list[str]:
+    """Lines of ``vm_metrics``, ``vm_devices``, ``vm_totals`` and ``vm_features``, VM by VM."""
+    host = escape_tag(sample.host)
+    ts = sample.wall_ns
+    lines: list[str] = []
+    for vm in sample.vms:
+        uuid = escape_tag(vm.uuid)
+        name = escape_tag(vm.name)
+        vm_tags = _tag_set((("host", host), ("uuid", uuid), ("vm", name)))
+        _append(lines, "vm_metrics" + vm_tags, _int_fields(vm.metrics), ts)
+        for device in vm.devices:
+            device_tags = _tag_set(
+                (
+                    ("device", escape_tag(device.name)),
+                    ("host", host),
+                    ("kind", device.kind),
+                    ("uuid", uuid),
+                    ("vm", name),
+                )
+            )
+            _append(lines, "vm_devices" + device_tags, _int_fields(device.counters), ts)
+        _append(lines, "vm_totals" + vm_tags, _int_fields(_totals(vm)), ts)
+        derived = features.get(vm.uuid)
+        if derived is not None:
+            _append(lines, "vm_features" + vm_tags, _float_fields(derived.fields), ts)
+    return lines
+
+
+def encode_line(
+    measurement: str, tags: Mapping[str, str], fields: Mapping[str, int | float], ts_ns: int
+) -> str | None:
+    """One line, or None if no field can be written.
+
+    The Python type of each value decides the field type: ``int`` is written
+    as an integer, anything else as a float, so pass ``float(x)`` for a
+    derived value that happens to be whole (a field keeps its type forever).
+    """
+    tag_set = _tag_set((escape_key(k), escape_tag(v)) for k, v in sorted(tags.items()))
+    field_set = ",".join(
+        _int_field(key, value) if type(value) is int else _float_field(key, value)
+        for key, value in fields.items()
+        if _writable(value)
+    )
+    if not field_set:
+        return None
+    return f"{escape_measurement(measurement)}{tag_set} {field_set} {ts_ns}"
+
+
+def escape_measurement(text: str) -> str:
+    return _escape(text, _MEASUREMENT_SPECIALS)
+
+
+def escape_key(text: str) -> str:
+    """A tag or field key. Identifiers (every schema name) are returned as they are."""
+    return text if text.isidentifier() else _escape(text, _KEY_SPECIALS)
+
+
+def escape_tag(text: str) -> str:
+    """A tag value; "" stays "" and makes ``_tag_set`` leave the tag out."""
+    return _escape(text, _KEY_SPECIALS)
+
+
+def _escape(text: str, specials: re.Pattern[str]) -> str:
+    if _NEEDS_WORK.search(text) is None:
+        return text
+    text = _UNCARRIABLE.sub(REPLACEMENT, text)
+    if text.endswith("\\"):
+        text = text[:-1] + REPLACEMENT
+    text = _BACKSLASH_BEFORE_ESCAPABLE.sub(r"\\\\", text)
+    return specials.sub(r"\\\1", text)
+
+
+def _tag_set(escaped: Iterable[tuple[str, str]]) -> str:
+    """``,k=v`` for each pair (already escaped, sorted by key) whose value is not empty."""
+    return "".join(f",{key}={value}" for key, value in escaped if value)
+
+
+def _append(lines: list[str], series: str, field_set: str, ts: int) -> None:
+    if field_set:
+        lines.append(f"{series} {field_set} {ts}")
+
+
+def _int_fields(values: Mapping[str, int]) -> str:
+    return ",".join(
+        [
+            f"{key if key.isidentifier() else escape_key(key)}={value}i"
+            for key, value in values.items()
+            if _I64_MIN <= value <= _I64_MAX
+        ]
+    )
+
+
+def _float_fields(values: Mapping[str, float]) -> str:
+    return ",".join(
+        [
+            f"{key if key.isidentifier() else escape_key(key)}={float(value)!r}"
+            for key, value in values.items()
+            if math.isfinite(value)
+        ]
+    )
+
+
+def _int_field(key: str, value: int) -> str:
+    return f"{escape_key(key)}={value}i"
+
+
+def _float_field(key: str, value: float) -> str:
+    return f"{escape_key(key)}={float(value)!r}"
+
+
+def _writable(value: int | float) -> bool:
+    if type(value) is int:
+        return _I64_MIN <= value <= _I64_MAX
+    return math.isfinite(value)
+
+
+def _totals(vm: VmSample) -> dict[str, int]:
+    """``vm_totals`` fields: per kind libvirt reported, each counter every device reported."""
+    totals: dict[str, int] = {}
+    for kind, count in vm.device_counts.items():
+        devices = vm.devices_of(kind)
+        for counter, total_name in _TOTAL_FIELDS[kind]:
+            total = 0
+            for device in devices:
+                value = device.counters.get(counter)
+                if value is None:
+                    break
+                total += value
+            else:
+                totals[total_name] = total
+        totals[_COUNT_FIELD[kind]] = count
+    return totals
