@@ -9,8 +9,8 @@ Read in their sources (not only in the docs, which have disagreed over time):
   escapes ``\\ \, \= \ `` stand for the character after the backslash; any
   other backslash is a literal one (``a\b`` reads ``a\b``). Tab and newline
   end a tag value and cannot be escaped (``\<tab>`` reads as a backslash and
-  a tab). An empty tag value is an error. A measurement, tag or field key
-  whose *unescaped* value ends in a backslash is rejected
+  a tab). An empty tag value is an error. A measurement, key or tag value
+  whose *unescaped* text ends in a backslash is rejected
   (``EndsWithBackslash``), however it is escaped.
 * VictoriaMetrics (``lib/protoparser/influx/parser.go``): the same
   unescaping; a separator counts as escaped when an odd number of
@@ -89,6 +89,7 @@ def encode(sample: Sample, features: Mapping[str, VmFeatures]) -> list[str]:
     for vm in sample.vms:
         uuid = escape_tag(vm.uuid)
         name = escape_tag(vm.name)
+        # Tag pairs are written in key order, as line protocol wants them sorted.
         vm_tags = _tag_set((("host", host), ("uuid", uuid), ("vm", name)))
         _append(lines, "vm_metrics" + vm_tags, _int_fields(vm.metrics), ts)
         for device in vm.devices:
@@ -119,10 +120,11 @@ def encode_line(
     derived value that happens to be whole (a field keeps its type forever).
     """
     tag_set = _tag_set((escape_key(k), escape_tag(v)) for k, v in sorted(tags.items()))
-    field_set = ",".join(
-        _int_field(key, value) if type(value) is int else _float_field(key, value)
-        for key, value in fields.items()
-        if _writable(value)
+    field_set = _field_set(
+        [
+            _int_field(key, value) if type(value) is int else _float_field(key, value)
+            for key, value in fields.items()
+        ]
     )
     if not field_set:
         return None
@@ -130,6 +132,7 @@ def encode_line(
 
 
 def escape_measurement(text: str) -> str:
+    """A measurement name: ``=`` stays bare, InfluxDB 3 would keep ``\\=`` as two characters."""
     return _escape(text, _MEASUREMENT_SPECIALS)
 
 
@@ -144,6 +147,8 @@ def escape_tag(text: str) -> str:
 
 
 def _escape(text: str, specials: re.Pattern[str]) -> str:
+    """See the module docstring. Backslashes are doubled before ``specials`` get theirs,
+    so that only backslashes that were in the text are judged by what follows them."""
     if _NEEDS_WORK.search(text) is None:
         return text
     text = _UNCARRIABLE.sub(REPLACEMENT, text)
@@ -164,37 +169,29 @@ def _append(lines: list[str], series: str, field_set: str, ts: int) -> None:
 
 
 def _int_fields(values: Mapping[str, int]) -> str:
-    return ",".join(
-        [
-            f"{key if key.isidentifier() else escape_key(key)}={value}i"
-            for key, value in values.items()
-            if _I64_MIN <= value <= _I64_MAX
-        ]
-    )
+    return _field_set([_int_field(key, value) for key, value in values.items()])
 
 
 def _float_fields(values: Mapping[str, float]) -> str:
-    return ",".join(
-        [
-            f"{key if key.isidentifier() else escape_key(key)}={float(value)!r}"
-            for key, value in values.items()
-            if math.isfinite(value)
-        ]
-    )
+    return _field_set([_float_field(key, value) for key, value in values.items()])
 
 
-def _int_field(key: str, value: int) -> str:
-    return f"{escape_key(key)}={value}i"
+def _field_set(fields: list[str | None]) -> str:
+    return ",".join([field for field in fields if field is not None])
 
 
-def _float_field(key: str, value: float) -> str:
-    return f"{escape_key(key)}={float(value)!r}"
+def _int_field(key: str, value: int) -> str | None:
+    """``key=123i``; None outside int64, where InfluxDB 3 would reject the whole line."""
+    if _I64_MIN <= value <= _I64_MAX:
+        return f"{escape_key(key)}={value}i"
+    return None
 
 
-def _writable(value: int | float) -> bool:
-    if type(value) is int:
-        return _I64_MIN <= value <= _I64_MAX
-    return math.isfinite(value)
+def _float_field(key: str, value: float) -> str | None:
+    """``key=12.0``: ``float()`` keeps a whole value a float; None unless finite."""
+    if math.isfinite(value):
+        return f"{escape_key(key)}={float(value)!r}"
+    return None
 
 
 def _totals(vm: VmSample) -> dict[str, int]:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from influxdb_client_3 import InfluxDBClient3, WriteOptions, WriteType, write_client_options
 from influxdb_client_3.exceptions import InfluxDBError, InfluxDBPartialWriteError
 
-WRITE_TIMEOUT_MS = 10_000
+WRITE_TIMEOUT_S = 10.0
 
 
 class Outcome(enum.Enum):
@@ -56,16 +56,28 @@ class WriteError(Exception):
 class Sender:
     """Writes line protocol to ``/api/v3/write_lp`` (or ``/api/v2/write``)."""
 
-    def __init__(self, url: str, database: str, token: str, api: Literal["v2", "v3"]) -> None:
-        options = WriteOptions(write_type=WriteType.synchronous, max_retries=0)
+    def __init__(
+        self,
+        url: str,
+        database: str,
+        token: str,
+        api: Literal["v2", "v3"],
+        timeout_s: float = WRITE_TIMEOUT_S,
+    ) -> None:
+        # One WriteOptions carries every write setting: the client lets the
+        # object passed here override its own keyword arguments.
+        options = WriteOptions(
+            write_type=WriteType.synchronous,
+            max_retries=0,
+            use_v2_api=api == "v2",
+            accept_partial=True,
+            timeout=int(timeout_s * 1000),
+        )
         self._client = InfluxDBClient3(
             host=url,
             database=database,
             token=token,
             write_client_options=write_client_options(write_options=options),
-            write_use_v2_api=api == "v2",
-            write_accept_partial=True,
-            write_timeout=WRITE_TIMEOUT_MS,
             retries=False,
         )
 

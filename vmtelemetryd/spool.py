@@ -259,7 +259,7 @@ class Spool:
         """Lines of ``record`` already acknowledged."""
         here = self._position
         if (here.segment, here.offset) == (record.segment, record.offset):
-            return 0
+            return min(here.line, record.lines)
         return 0
 
     def _read(self, record: _Record) -> list[str] | None:

@@ -157,31 +157,34 @@ class Writer:
         if time.monotonic() < self._retry_at:
             return
         if self._has_spooled():
-            self._send_from_spool()
+            delivered = self._send_from_spool()
         elif self._queue:
-            self._send_from_queue()
-        if self._spooling and not self._has_spooled() and self._spool_usable():
+            delivered = self._send_from_queue()
+        else:
+            return
+        if delivered and self._spooling and not self._has_spooled():
             self._spooling = False
             log.info("spool drained, writing directly again")
 
-    def _send_from_queue(self) -> None:
+    def _send_from_queue(self) -> bool:
         with self._cond:
             batch = list(islice(self._queue, self._settings.batch_max_lines))
-        if self._deliver(batch):
-            with self._cond:
-                for _ in batch:
-                    self._queue.popleft()
-                self._oldest_at = time.monotonic()
-        else:
+        if not self._deliver(batch):
             self._enter_spooling(self._last_error or "write failed")
+            return False
+        with self._cond:
+            for _ in batch:
+                self._queue.popleft()
+            self._oldest_at = time.monotonic()
+        return True
 
-    def _send_from_spool(self) -> None:
+    def _send_from_spool(self) -> bool:
         assert self._spool is not None
         batch = self._spool.peek(self._settings.batch_max_lines)
-        if batch is None:
-            return
-        if self._deliver(list(batch.lines)):
-            self._spool.ack(batch)
+        if batch is None or not self._deliver(list(batch.lines)):
+            return False
+        self._spool.ack(batch)
+        return True
 
     def _deliver(self, lines: list[str]) -> bool:
         """One attempt, splitting on 413; False means keep the lines and retry later."""
