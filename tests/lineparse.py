@@ -1,90 +1,114 @@
-"""A strict line-protocol reader for tests, following InfluxDB 3's parser.
+r"""A strict line-protocol parser for tests, following InfluxDB 3's rules.
 
-In measurements, tag keys and values and field keys, a backslash before a
-backslash, comma, equals sign or space stands for that character; any other
-backslash is itself. Fields are integers (``i`` suffix) or floats; the
-encoder writes no strings or booleans, so this reader refuses them.
+InfluxDB 3's parser (crate ``influxdb_line_protocol``): ``\\ \, \= \ ``
+unescape in keys and tag values (``\\ \, \ `` in the measurement), any other
+backslash is literal, a value whose unescaped text ends in a backslash is
+rejected, tab and newline cannot appear. Where the real parsers disagree it
+refuses what any of them would misread: a raw comma or space in a key, a raw
+``=`` in a tag value (Go), CR, an integer without ``i`` or a float without
+``.``/exponent, unsorted or duplicate tags.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-ESCAPABLE = "\\, ="
+
+class ParseError(ValueError):
+    pass
 
 
 @dataclass(frozen=True)
-class Point:
+class Line:
     measurement: str
     tags: dict[str, str]
     fields: dict[str, int | float]
-    timestamp: int
+    ts: int
 
 
-def parse_lines(text: str) -> list[Point]:
-    return [parse_line(line) for line in text.splitlines() if line]
+KEY_ESCAPES = frozenset("\\,= ")
+MEASUREMENT_ESCAPES = frozenset("\\, ")
+NEVER_RAW = frozenset("\t\n\r")
+INT = re.compile(r"-?\d+i")
+FLOAT = re.compile(r"-?\d+(\.\d+([eE][+-]?\d+)?|[eE][+-]?\d+)")
+TIMESTAMP = re.compile(r"-?\d+")
 
 
-def parse_line(line: str) -> Point:
-    head, fields_text, stamp = _split(line, " ")
-    if stamp is None or not stamp.isdigit():
-        raise ValueError(f"bad timestamp in {line!r}")
-    measurement, *tag_items = _split_all(head, ",")
-    tags = dict(_pair(item, line) for item in tag_items)
-    fields = {
-        k: _number(v, line) for k, v in (_pair(i, line) for i in _split_all(fields_text, ","))
-    }
-    return Point(_unescape(measurement), tags, fields, int(stamp))
-
-
-def _pair(item: str, line: str) -> tuple[str, str]:
-    parts = _split_all(item, "=")
-    if len(parts) != 2 or not parts[0] or not parts[1]:
-        raise ValueError(f"bad key=value {item!r} in {line!r}")
-    return _unescape(parts[0]), _unescape(parts[1])
-
-
-def _number(text: str, line: str) -> int | float:
-    if text.endswith("i"):
-        return int(text[:-1])
-    if text in ("t", "f", "true", "false") or text.startswith('"'):
-        raise ValueError(f"unexpected non-numeric field {text!r} in {line!r}")
-    return float(text)
-
-
-def _split(line: str, sep: str) -> tuple[str, str, str | None]:
-    parts = _split_all(line, sep)
-    if len(parts) not in (2, 3):
-        raise ValueError(f"expected 2 or 3 sections split by {sep!r}: {line!r}")
-    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
-
-
-def _split_all(text: str, sep: str) -> list[str]:
-    """Split at unescaped ``sep``, keeping escapes for ``_unescape``."""
-    parts, current, i = [], [], 0
-    while i < len(text):
-        char = text[i]
-        if char == "\\" and i + 1 < len(text) and text[i + 1] in ESCAPABLE:
-            current.append(text[i : i + 2])
-            i += 2
+def element(
+    line: str, pos: int, ends: str, escapes: frozenset[str], refused: str = ""
+) -> tuple[str, int]:
+    """One measurement, key or tag value from ``pos`` to the first unescaped char of ``ends``."""
+    out: list[str] = []
+    while pos < len(line):
+        char = line[pos]
+        if char == "\\":
+            if pos + 1 == len(line):
+                raise ParseError("backslash at the end of the line")
+            after = line[pos + 1]
+            if after in NEVER_RAW:
+                raise ParseError(f"escaped {after!r}")
+            out.append(after if after in escapes else char + after)
+            pos += 2
             continue
-        if char == sep:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-        i += 1
-    parts.append("".join(current))
-    return parts
+        if char in ends:
+            break
+        if char in NEVER_RAW or char in refused:
+            raise ParseError(f"raw {char!r} at {pos}")
+        out.append(char)
+        pos += 1
+    value = "".join(out)
+    if not value:
+        raise ParseError(f"empty element at {pos}")
+    if value.endswith("\\"):
+        raise ParseError("ends with a backslash")  # InfluxDB 3: EndsWithBackslash
+    return value, pos
 
 
-def _unescape(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in ESCAPABLE:
-            out.append(text[i + 1])
-            i += 2
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
+def expect(line: str, pos: int, char: str) -> None:
+    if pos >= len(line) or line[pos] != char:
+        raise ParseError(f"expected {char!r} at {pos}")
+
+
+def number(text: str) -> int | float:
+    if INT.fullmatch(text):
+        value = int(text[:-1])
+        if not -(2**63) <= value < 2**63:
+            raise ParseError(f"integer out of range: {text}")
+        return value
+    if FLOAT.fullmatch(text):
+        return float(text)
+    raise ParseError(f"not an integer or a float: {text!r}")
+
+
+def parse(line: str) -> Line:
+    measurement, pos = element(line, 0, ", ", MEASUREMENT_ESCAPES)
+    tags: list[tuple[str, str]] = []
+    while pos < len(line) and line[pos] == ",":
+        key, pos = element(line, pos + 1, "=", KEY_ESCAPES, refused=", ")
+        expect(line, pos, "=")
+        value, pos = element(line, pos + 1, ", ", KEY_ESCAPES, refused="=")
+        tags.append((key, value))
+    keys = [k for k, _ in tags]
+    if keys != sorted(set(keys)):
+        raise ParseError(f"tags not sorted or duplicated: {keys}")
+    expect(line, pos, " ")
+    fields: dict[str, int | float] = {}
+    while line[pos] != " " or not fields:
+        key, pos = element(line, pos + 1, "=", KEY_ESCAPES, refused=", ")
+        expect(line, pos, "=")
+        ends = [i for i in (line.find(",", pos), line.find(" ", pos)) if i >= 0]
+        if not ends:
+            raise ParseError("no timestamp")
+        end = min(ends)
+        if key in fields:
+            raise ParseError(f"duplicate field {key}")
+        fields[key] = number(line[pos + 1 : end])
+        pos = end
+    if not TIMESTAMP.fullmatch(line[pos + 1 :]):
+        raise ParseError(f"bad timestamp {line[pos + 1 :]!r}")
+    return Line(measurement, dict(tags), fields, int(line[pos + 1 :]))
+
+
+def parse_lines(text: str) -> list[Line]:
+    return [parse(line) for line in text.splitlines() if line]

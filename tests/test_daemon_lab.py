@@ -13,7 +13,7 @@ import labkit
 import libvirt
 import pytest
 from daemonproc import DaemonProcess, lab_environment, run_verb
-from lineparse import Point, parse_lines
+from lineparse import Line, parse_lines
 
 pytestmark = pytest.mark.lab
 
@@ -79,7 +79,7 @@ def test_once_prints_all_four_measurements_for_every_lab_guest(lab: Any, tmp_pat
         assert all(isinstance(v, float) for v in _of(mine, "vm_features").fields.values())
 
 
-def _of(points: list[Point], measurement: str) -> Point:
+def _of(points: list[Line], measurement: str) -> Line:
     return next(p for p in points if p.measurement == measurement)
 
 
