@@ -1,0 +1,45 @@
+"""Shared fixtures.
+
+``lab``: the real test lab (tests/lab/labkit.py): a libvirtd with 3 paused and
+1 busy guest, and a line-protocol database. Brought up once per session
+(reusing whatever already runs) and left running afterwards, unless
+VMT_LAB_DOWN=1. Tests marked ``lab`` are skipped only where the lab truly
+cannot run (not root, or no QEMU and no apt to install it); anywhere else a
+lab that fails to come up is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "lab"))
+
+import labkit  # the lab's own module: stdlib only, importable before anything else
+
+
+def _lab_skip_reason() -> str | None:
+    ok, why = labkit.can_run()
+    return None if ok else f"the real test lab cannot run on this machine: {why}"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("lab") is not None:
+        reason = _lab_skip_reason()
+        if reason:
+            pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[labkit.LabInfo]:
+    reason = _lab_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    info = labkit.up(labkit.DEFAULT_GUESTS, labkit.DEFAULT_BUSY)
+    yield info
+    if os.environ.get("VMT_LAB_DOWN") == "1":
+        labkit.down()
