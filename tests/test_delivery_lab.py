@@ -59,7 +59,9 @@ def test_a_minute_long_outage_loses_no_sample(
         during = run.status()
         labkit.start_database()
         after = run.wait_for(
-            lambda s: s["spooled"] == 0 and s["written"] > during["written"], 120, "the spool drained"
+            lambda s: s["spooled"] == 0 and s["written"] > during["written"],
+            120,
+            "the spool drained",
         )
         time.sleep(2)
     finally:
