@@ -66,7 +66,7 @@ def test_a_minute_long_outage_loses_no_sample(
         time.sleep(2)
     finally:
         assert run.stop() == 0, run.output()
-    assert during["spooled"] > 0 and during["write_errors"] > 0, during
+    assert during["spooled"] > 0 and during["write_errors"] > 0, (during, run.output())
     times = sample_times(run.host, guest)
     assert len(times) == len(set(times)), "a sample was stored twice"
     overruns = run.status()["overruns"]

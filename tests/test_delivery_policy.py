@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -159,3 +160,52 @@ def test_a_hung_database_times_out_and_nothing_is_lost(tmp_path: Path) -> None:
         writer = make_writer(url, tmp_path)
         wait_until(lambda: len(healthy.accepted) == 30, 15, "the spool drained")
         writer.stop(5)
+
+
+def make_writer_at(url: str, spool_dir: Path, spool_max_bytes: int = 10_000_000) -> Writer:
+    settings = WriterSettings(
+        batch_max_lines=100, batch_max_sec=0.1, spool_dir=spool_dir, spool_max_bytes=spool_max_bytes
+    )
+    writer = Writer(Sender(url, "db", "secret-token", "v3", timeout_s=2.0), settings)
+    writer.start()
+    return writer
+
+
+def test_an_unwritable_spool_holds_lines_in_memory_and_reports_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    fake = FakeInflux3(script=[Answer(500)] * 3)
+    with serve(fake) as url:
+        writer = make_writer_at(url, blocker / "spool")
+        sent = lines(60)
+        writer.submit(sent)
+        wait_until(lambda: writer.status().write_errors >= 1, 10, "a failed write")
+        status = writer.status()
+        assert status.spool_error is not None and "not-a-directory" in status.spool_error
+        assert status.queued == 60 and status.spooled == 0
+        wait_until(lambda: len(fake.accepted) == 60, 30, "delivery from memory")
+        writer.stop(5)
+    assert sorted(fake.accepted) == sorted(sent)
+
+
+def test_a_full_disk_under_the_spool_loses_nothing_once_the_database_returns(
+    tmp_path: Path,
+) -> None:
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)])
+    if made.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        (mount / "filler").write_bytes(b"\0" * 60 * 1024)
+        fake = FakeInflux3(script=[Answer(503)] * 4)
+        with serve(fake) as url:
+            writer = make_writer_at(url, mount / "spool")
+            sent = [f'm,t=x pad="{"y" * 200}" {i}' for i in range(400)]
+            writer.submit(sent)
+            wait_until(lambda: writer.status().spool_error is not None, 15, "the spool filling")
+            wait_until(lambda: len(set(fake.accepted)) == 400, 60, "delivery")
+            writer.stop(5)
+        assert set(fake.accepted) == set(sent)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -30,7 +30,7 @@ log = structlog.get_logger("vmtelemetryd.writer")
 BACKOFF_FIRST_S = 1.0
 BACKOFF_CAP_S = 60.0
 RETRY_AFTER_CAP_S = 300.0
-SPOOL_REOPEN_S = 10.0
+SPOOL_RETRY_S = 10.0
 HIGH_WATER_BATCHES = 10
 MEMORY_CAP_BATCHES = 100
 
@@ -180,10 +180,17 @@ class Writer:
 
     def _send_from_spool(self) -> bool:
         assert self._spool is not None
-        batch = self._spool.peek(self._settings.batch_max_lines)
+        try:
+            batch = self._spool.peek(self._settings.batch_max_lines)
+        except SpoolError as exc:
+            self._spool_failed(exc)
+            return False
         if batch is None or not self._deliver(list(batch.lines)):
             return False
-        self._spool.ack(batch)
+        try:
+            self._spool.ack(batch)
+        except SpoolError as exc:  # acknowledged in memory; only a restart could re-send
+            self._spool_failed(exc)
         return True
 
     def _deliver(self, lines: list[str]) -> bool:
@@ -249,6 +256,7 @@ class Writer:
         except SpoolError as exc:
             self._spool_failed(exc)
             return
+        self._spool_error = None
         with self._cond:
             for _ in lines:
                 self._queue.popleft()
@@ -268,9 +276,12 @@ class Writer:
         return self._spool is not None and self._spool.lines > 0
 
     def _spool_usable(self) -> bool:
-        if self._spool is None and time.monotonic() >= self._spool_retry_at:
+        """A spool that failed is tried again after a pause, not on every step."""
+        if time.monotonic() < self._spool_retry_at:
+            return False
+        if self._spool is None:
             self._open_spool()
-        return self._spool is not None and self._spool_error is None
+        return self._spool is not None
 
     def _open_spool(self) -> None:
         settings = self._settings
@@ -285,11 +296,9 @@ class Writer:
             log.info("spool holds lines from before", lines=self._spool.lines)
 
     def _spool_failed(self, exc: SpoolError) -> None:
+        """An append that failed left the spool consistent: keep it, try again later."""
         self._spool_error = str(exc)
-        self._spool_retry_at = time.monotonic() + SPOOL_REOPEN_S
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
+        self._spool_retry_at = time.monotonic() + SPOOL_RETRY_S
         log.error("spool unusable, holding lines in memory", error=str(exc))
 
     def _finish(self) -> None:
@@ -298,6 +307,7 @@ class Writer:
         while self._queue and not self._spooling and time.monotonic() < self._stop_by:
             self._send_from_queue()
         self._spooling = True
+        self._spool_retry_at = 0.0
         self._queue_to_spool()
         if self._queue:
             log.error("lines lost at stop: spool unusable", lines=len(self._queue))
