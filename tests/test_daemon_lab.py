@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import statistics
 import time
 import xml.etree.ElementTree as ET
@@ -206,3 +208,30 @@ def test_guests_created_and_destroyed_while_running(lab: Any, tmp_path: Path) ->
     assert not re.search(r"\[(warning|error|critical)\s*\]", output), output
     stored = series_of(daemon.host, "vm_metrics_state", name)
     assert stored, "the short-lived guest's points are missing"
+
+
+def test_a_guest_whose_qemu_hangs_does_not_stop_sampling_the_others(
+    lab: Any, tmp_path: Path
+) -> None:
+    name = lab.prefix + "stuck"
+    labkit.create_guest(name)
+    qemu = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text())
+    env = lab_environment(lab, tmp_path, LIBVIRT_TIMEOUT="2")
+    daemon = DaemonProcess(env, tmp_path).start()
+    try:
+        daemon.wait_for(lambda s: s["written"] > 0, 30, "a first write")
+        os.kill(qemu, signal.SIGSTOP)
+        stopped = time.time()
+        daemon.wait_for(
+            lambda s: s["last_sample_error"] is None and s["last_poll"] > stopped + 3,
+            30,
+            "sampling to go on past the stuck guest",
+        )
+        time.sleep(2)
+    finally:
+        os.kill(qemu, signal.SIGCONT)
+        assert daemon.stop() == 0, daemon.output()
+        labkit.destroy_guest(name)
+    assert "timed out" in daemon.output()
+    busy = series_of(daemon.host, "vm_metrics_state", lab.busy_guests[0])
+    assert sum(1 for t, _ in busy if t > (stopped + 3) * 1000) >= 3

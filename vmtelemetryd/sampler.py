@@ -139,17 +139,25 @@ class _Call:
 
 
 class _TimedCaller:
-    """Runs blocking calls off the caller's thread, one at a time, with a deadline."""
+    """Runs blocking calls off the caller's thread with a deadline.
 
-    def __init__(self) -> None:
-        self._pending: _Call | None = None
+    A call that timed out keeps running. One such call is allowed to linger:
+    a QEMU monitor that never answers holds its domain's job forever, and the
+    next NOWAIT request skips that domain and answers for every other one. A
+    second stuck call means libvirtd itself is not answering: from then on
+    calls fail fast, so the watchdog can see that no progress is made.
+    """
+
+    def __init__(self, max_stuck: int = 1) -> None:
+        self._max_stuck = max_stuck
+        self._stuck: list[_Call] = []
 
     def call(self, fn: Callable[[], T], timeout: float, what: str) -> T:
-        if self._pending is not None and not self._pending.done.is_set():
-            stuck = time.monotonic() - self._pending.started
-            raise SamplerStuck(f"libvirt has not answered an earlier request for {stuck:.0f} s")
+        self._stuck = [c for c in self._stuck if not c.done.is_set()]
+        if len(self._stuck) > self._max_stuck:
+            oldest = time.monotonic() - self._stuck[0].started
+            raise SamplerStuck(f"libvirt has not answered earlier requests for {oldest:.0f} s")
         call = _Call(started=time.monotonic())
-        self._pending = call
 
         def run() -> None:
             try:
@@ -161,6 +169,7 @@ class _TimedCaller:
 
         threading.Thread(target=run, name=f"libvirt-{what}", daemon=True).start()
         if not call.done.wait(timeout):
+            self._stuck.append(call)
             raise SamplerStuck(f"libvirt {what} timed out after {timeout:g} s")
         if call.error is not None:
             raise call.error
