@@ -28,7 +28,7 @@ import labkit
 
 from vmtelemetryd.features import Features
 from vmtelemetryd.lineprotocol import encode
-from vmtelemetryd.model import DeviceSample, Sample, VmSample
+from vmtelemetryd.model import DISK_FIELDS, NIC_FIELDS, DeviceSample, Sample, VmSample
 from vmtelemetryd.sampler import ACTIVE_ONLY, STATS_FLAGS, STATS_GROUPS, Sampler
 
 ROUNDS = 40
@@ -70,44 +70,8 @@ def lab_rounds(uri: str) -> None:
 
 def synthetic_vm(i: int, t: int) -> VmSample:
     grow = 1000 * t + i
-    nic = DeviceSample(
-        "nic",
-        "vnet0",
-        {
-            k: grow
-            for k in (
-                "rx_bytes",
-                "rx_packets",
-                "tx_bytes",
-                "tx_packets",
-                "rx_errors",
-                "rx_drops",
-                "tx_errors",
-                "tx_drops",
-            )
-        },
-    )
-    disks = tuple(
-        DeviceSample(
-            "disk",
-            d,
-            {
-                k: grow
-                for k in (
-                    "rd_reqs",
-                    "rd_bytes",
-                    "wr_reqs",
-                    "wr_bytes",
-                    "fl_reqs",
-                    "rd_time_ns",
-                    "wr_time_ns",
-                    "capacity_bytes",
-                    "allocation_bytes",
-                )
-            },
-        )
-        for d in ("vda", "vdb")
-    )
+    nic = DeviceSample("nic", "vnet0", dict.fromkeys(NIC_FIELDS, grow))
+    disks = tuple(DeviceSample("disk", d, dict.fromkeys(DISK_FIELDS, grow)) for d in ("vda", "vdb"))
     metrics = {
         "state": 1,
         "cpu_time_ns": grow * 10**6,
