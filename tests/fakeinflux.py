@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,12 +36,14 @@ class FakeInflux3:
     script: list[Answer] = field(default_factory=list)
     reject: Rejector | None = None
     max_lines: int | None = None  # more lines than this in one request: 413
+    delay_s: float = 0.0  # a slow database: each answer waits this long
     requests: list[list[str]] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, path: str, lines: list[str]) -> Answer:
+        time.sleep(self.delay_s)
         with self.lock:
             self.paths.append(path)
             self.requests.append(lines)

@@ -150,6 +150,11 @@ def test_a_hung_database_times_out_and_nothing_is_lost(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{hung.getsockname()[1]}"
     writer = make_writer(url, tmp_path, timeout_s=0.5)
     writer.submit(lines(30))
+    wait_until(lambda: writer.status().write_errors >= 1, 10, "the first timeout")
+    started = time.perf_counter()
+    for _ in range(20):
+        writer.submit(lines(30, "more"))
+    assert time.perf_counter() - started < 0.1, "submit waited on the network"
     wait_until(lambda: writer.status().write_errors >= 1, 10, "the timeout")
     status = writer.status()
     assert status.last_error is not None and "timed out" in status.last_error.lower()
@@ -158,7 +163,7 @@ def test_a_hung_database_times_out_and_nothing_is_lost(tmp_path: Path) -> None:
     healthy = FakeInflux3()
     with serve(healthy) as url:
         writer = make_writer(url, tmp_path)
-        wait_until(lambda: len(healthy.accepted) == 30, 15, "the spool drained")
+        wait_until(lambda: len(healthy.accepted) == 30 + 20 * 30, 15, "the spool drained")
         writer.stop(5)
 
 
@@ -209,3 +214,22 @@ def test_a_full_disk_under_the_spool_loses_nothing_once_the_database_returns(
         assert set(fake.accepted) == set(sent)
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_slow_database_sends_the_queue_past_its_high_water_mark_to_the_spool(
+    tmp_path: Path,
+) -> None:
+    fake = FakeInflux3(delay_s=0.5)
+    with serve(fake) as url:
+        writer = make_writer(url, tmp_path, batch=10)
+        sent = []
+        for i in range(6):
+            chunk = lines(50, f"chunk{i}")
+            sent.extend(chunk)
+            writer.submit(chunk)
+            time.sleep(0.1)
+        wait_until(lambda: writer.status().spooled > 0, 10, "lines in the spool")
+        wait_until(lambda: len(fake.accepted) == len(sent), 60, "everything delivered")
+        writer.stop(5)
+    assert sorted(fake.accepted) == sorted(sent)
+    assert writer.status().write_errors == 0
