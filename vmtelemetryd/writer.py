@@ -184,6 +184,7 @@ class Writer:
             batch = self._spool.peek(self._settings.batch_max_lines)
         except SpoolError as exc:
             self._spool_failed(exc)
+            self._retry_at = self._spool_retry_at  # nothing to send until it can be read
             return False
         if batch is None or not self._deliver(list(batch.lines)):
             return False
