@@ -15,7 +15,7 @@ from vmtelemetryd.daemon import Daemon, open_sampler
 from vmtelemetryd.features import Features
 from vmtelemetryd.health import Health, default_status_path, read_status
 from vmtelemetryd.lineprotocol import encode
-from vmtelemetryd.logs import configure_logging, set_redacted
+from vmtelemetryd.logs import configure_logging, is_journal, set_redacted
 from vmtelemetryd.sampler import SamplerError
 
 EX_OK = 0
@@ -34,8 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(path, os.environ)
     except ConfigError as exc:
+        # <3>: journald files each line at priority err (sd-daemon(3)), as the logger does.
+        prefix = "<3>" if is_journal(sys.stderr) else ""
         for variable, reason in exc.problems.items():
-            print(f"vmtelemetryd: configuration error: {variable}: {reason}", file=sys.stderr)
+            message = f"vmtelemetryd: configuration error: {variable}: {reason}"
+            print(prefix + message, file=sys.stderr)
         return EX_CONFIG
     configure_logging(config.log_level)
     set_redacted([config.influx_token.reveal()])

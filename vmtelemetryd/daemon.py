@@ -120,26 +120,34 @@ class Daemon:
             signal.signal(signum, lambda *_, e=name: self._events.put(e))
         log.info("started", config=str(self.config.source or "environment only"), pid=os.getpid())
         alive = self._cycle()
+        # status.json before READY=1: once `systemctl start` returns, it shows the first poll.
+        self._report(alive)
         self._health.ready(self._summary())
         while True:
-            self._report(alive)
-            event = self._wait(self._ticker.advance(time.monotonic()))
+            event = self._wait(self._ticker.advance(time.monotonic()), alive)
             if event == "stop":
                 break
             if event == "reload":
                 self._reload()
-                continue
-            alive = self._cycle()
+            else:
+                alive = self._cycle()
+            self._report(alive)
         self._shutdown()
         return 0
 
-    def _wait(self, until: float) -> str | None:
-        """Sleep until the next tick, waking early for a signal's event."""
+    def _wait(self, until: float, alive: bool) -> str | None:
+        """Sleep until the next tick, waking early for a signal's event.
+
+        While the last cycle made progress, the watchdog is also pinged during the
+        wait, so that a POLL_INTERVAL longer than WatchdogSec= is not taken for a hang.
+        """
+        ping_every = self._health.watchdog_ping_interval() if alive else None
         while (left := until - time.monotonic()) > 0:
             try:
-                return self._events.get(timeout=left)
+                return self._events.get(timeout=min(left, ping_every or left))
             except queue.Empty:
-                continue
+                if ping_every is not None:
+                    self._health.watchdog()
         return None
 
     def _cycle(self) -> bool:

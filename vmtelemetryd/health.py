@@ -28,6 +28,17 @@ class Health:
         """Each cycle: the summary line, and a watchdog ping only if the cycle did its work."""
         self._notify(f"STATUS={status}" + ("\nWATCHDOG=1" if alive else ""))
 
+    def watchdog(self) -> None:
+        self._notify("WATCHDOG=1")
+
+    def watchdog_ping_interval(self) -> float | None:
+        """Half of systemd's watchdog timeout (WatchdogSec=), if it is watching this process."""
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+            return None
+        return int(usec) / 2e6
+
     def reloading(self) -> None:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self._notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")

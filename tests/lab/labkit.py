@@ -141,6 +141,9 @@ done
 """
 
 
+SYSUSERS_FILE = Path(__file__).resolve().parents[2] / "systemd" / "vmtelemetryd.sysusers"
+
+
 class LabError(RuntimeError):
     """The lab could not be brought to the state asked for."""
 
@@ -1168,6 +1171,17 @@ def _guest_names(guests: int, busy: int) -> tuple[list[str], list[str]]:
     )
 
 
+def ensure_service_user() -> None:
+    """The daemon's system user, made from the package's own sysusers.d file.
+
+    libvirtd names each client after its uid and refuses one it cannot name
+    ("Failed to find user record"), so the user must exist on the machine the
+    lab's libvirtd runs on, not only inside a test's systemd namespace.
+    """
+    if subprocess.run(["getent", "passwd", "vmtelemetry"], capture_output=True).returncode:
+        _run(["systemd-sysusers", str(SYSUSERS_FILE)])
+
+
 def up(guests: int = DEFAULT_GUESTS, busy: int = DEFAULT_BUSY) -> LabInfo:
     """Bring the lab up (idempotent: what runs is reused) and say where it is."""
     if guests < 0 or busy < 0:
@@ -1184,6 +1198,7 @@ def up(guests: int = DEFAULT_GUESTS, busy: int = DEFAULT_BUSY) -> LabInfo:
         state = _load_state()
         ensure_libvirtd(state)
         _save_state(state)
+        ensure_service_user()
         url = start_database()
         state = _load_state()
 
