@@ -16,6 +16,7 @@ from vmtelemetryd.features import Features
 from vmtelemetryd.health import Health, default_status_path, read_status
 from vmtelemetryd.lineprotocol import encode
 from vmtelemetryd.logs import configure_logging, is_journal, set_redacted
+from vmtelemetryd.model import Sample
 from vmtelemetryd.sampler import SamplerError
 
 EX_OK = 0
@@ -75,20 +76,31 @@ def _parser() -> argparse.ArgumentParser:
 
 def _once(config: Config) -> int:
     """Two samples an interval apart, so rates exist; nothing goes to the database."""
-    sampler = open_sampler(config)
-    features = Features(config.feature_window)
-    try:
-        features.derive(sampler.sample())
-        time.sleep(config.poll_interval)
-        sample = sampler.sample()
-    except SamplerError as exc:
-        print(f"vmtelemetryd: {exc}", file=sys.stderr)
+    samples = _take_samples(config, 2)
+    if samples is None:
         return EX_UNAVAILABLE
-    finally:
-        sampler.close()
-    lines = encode(sample, features.derive(sample))
+    features = Features(config.feature_window)
+    features.derive(samples[0])
+    lines = encode(samples[1], features.derive(samples[1]))
     sys.stdout.write("".join(line + "\n" for line in lines))
     return EX_OK
+
+
+def _take_samples(config: Config, count: int) -> list[Sample] | None:
+    """``count`` samples, POLL_INTERVAL apart; None (and the reason on stderr) if libvirt fails."""
+    sampler = open_sampler(config)
+    samples: list[Sample] = []
+    try:
+        while len(samples) < count:
+            if samples:
+                time.sleep(config.poll_interval)
+            samples.append(sampler.sample())
+    except SamplerError as exc:
+        print(f"vmtelemetryd: {exc}", file=sys.stderr)
+        return None
+    finally:
+        sampler.close()
+    return samples
 
 
 def _check_config(config: Config) -> int:
@@ -104,14 +116,10 @@ def _show_config(config: Config) -> int:
 
 
 def _vms(config: Config) -> int:
-    sampler = open_sampler(config)
-    try:
-        sample = sampler.sample()
-    except SamplerError as exc:
-        print(f"vmtelemetryd: {exc}", file=sys.stderr)
+    samples = _take_samples(config, 1)
+    if samples is None:
         return EX_UNAVAILABLE
-    finally:
-        sampler.close()
+    sample = samples[0]
     for vm in sorted(sample.vms, key=lambda v: v.name):
         print(f"{vm.name}  {vm.uuid}  state={vm.metrics.get('state', '?')}")
         for device in vm.devices:
