@@ -133,7 +133,16 @@ if [ -d "$STAGE/libvirt" ]; then
     mount --move "$STAGE/libvirt" /run/libvirt
     mount -o remount,bind,ro /run/libvirt
 fi
+# This checkout and its venv may live under /tmp: carried across the private /tmp.
+i=0
+for keep in VMT_KEEP; do
+    i=$((i + 1)); mkdir -p "$SCRATCH/keep$i"; mount --bind "$keep" "$SCRATCH/keep$i"
+done
 mount -t tmpfs -o mode=1777,nosuid,nodev vmtns-tmp /tmp
+i=0
+for keep in VMT_KEEP; do
+    i=$((i + 1)); mkdir -p "$keep"; mount --move "$SCRATCH/keep$i" "$keep"
+done
 mount -t tmpfs -o mode=0755 vmtns-units /etc/systemd/system
 cp -a "$SCRATCH/units/." /etc/systemd/system/
 cp -a "$SCRATCH/etc-add/." /etc/
@@ -259,6 +268,7 @@ class SystemdNS:
             .replace("VMT_PATH", PATH)
             .replace("VMT_SYSTEMD", str(SYSTEMD))
             .replace("VMT_TARGET", BOOT_TARGET)
+            .replace("VMT_KEEP", " ".join(shlex.quote(str(p)) for p in checkout_paths_under(TMP)))
         )
         (self.stage / "launch.sh").write_text(launch)
         # The shell moves itself into the new cgroup, then becomes unshare,
@@ -479,6 +489,14 @@ TOKEN_PATH = "/etc/vmtelemetryd/influx-token"
 STATUS_PATH = "/run/vmtelemetryd/status.json"
 DROPIN_DIR = f"/etc/systemd/system/{SERVICE}.d"
 PROTECTED_HOMES = (Path("/root"), Path("/home"), Path("/run/user"))
+TMP = Path("/tmp")
+
+
+def checkout_paths_under(top: Path) -> list[Path]:
+    """The outermost of this checkout, its venv and its interpreter that lie below ``top``."""
+    needed = sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), REPO})
+    below = [p for p in needed if p.is_relative_to(top)]
+    return [p for p in below if not any(p != q and p.is_relative_to(q) for q in below)]
 
 
 def dotenv(config: Mapping[str, str]) -> str:
@@ -522,26 +540,30 @@ def install_vmtelemetryd(
 
 
 def interpreter_dropin() -> dict[str, str]:
-    """A drop-in that lets the service reach this checkout's Python, if ProtectHome= hides it.
+    """A drop-in that lets the service reach this checkout's Python where the unit hides it.
 
     A package runs /usr/bin/python3; a checkout's venv may be built on an
     interpreter under /root or /home (pyenv), which ProtectHome=yes makes
-    unreachable. Then only that interpreter's directory is bound into an empty
-    /root or /home (ProtectHome=tmpfs). Every path must also be readable by
-    the service user: checked here, with the reason if not.
+    unreachable, and the checkout itself may lie under /tmp, which
+    PrivateTmp=yes replaces. Then only those directories are bound in, read
+    only (ProtectHome=tmpfs keeps an empty /root or /home to bind into).
+    Every path must also be readable by the service user: checked here, with
+    the reason if not.
     """
     needed = [Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), REPO]
-    hidden = [p for p in needed if any(p.is_relative_to(home) for home in PROTECTED_HOMES)]
+    homes = [p for top in PROTECTED_HOMES for p in checkout_paths_under(top)]
+    hidden = homes + checkout_paths_under(TMP)
     for path in needed:
         top = next((p for p in hidden if path.is_relative_to(p)), None)
         _check_world_readable(path, below=top)
     if not hidden:
         return {}
     binds = " ".join(str(p) for p in hidden)
+    protect_home = "ProtectHome=tmpfs\n" if homes else ""
     return {
         "10-test-interpreter.conf": (
-            "# tests/systemdns.py: this checkout's Python lives where ProtectHome= hides it.\n"
-            f"[Service]\nProtectHome=tmpfs\nBindReadOnlyPaths={binds}\n"
+            "# tests/systemdns.py: this checkout's Python lives where the unit hides it.\n"
+            f"[Service]\n{protect_home}BindReadOnlyPaths={binds}\n"
         )
     }
 
