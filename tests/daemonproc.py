@@ -44,6 +44,12 @@ def lab_environment(lab: Any, workdir: Path, **overrides: object) -> dict[str, s
     return env
 
 
+def missing_ticks(times_ms: list[int], interval_s: float) -> list[int]:
+    """Ticks of the poll grid, counted from the first sample, with no sample stored."""
+    ticks = {round((t - times_ms[0]) / 1000 / interval_s) for t in times_ms}
+    return sorted(set(range(max(ticks) + 1)) - ticks)
+
+
 def run_verb(
     env: Mapping[str, str], *args: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:

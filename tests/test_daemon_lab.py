@@ -15,7 +15,7 @@ from typing import Any
 import labkit
 import libvirt
 import pytest
-from daemonproc import DaemonProcess, lab_environment, run_verb
+from daemonproc import DaemonProcess, lab_environment, missing_ticks, run_verb
 from lineparse import Line, parse_lines
 
 pytestmark = pytest.mark.lab
@@ -235,3 +235,18 @@ def test_a_guest_whose_qemu_hangs_does_not_stop_sampling_the_others(
     assert "timed out" in daemon.output()
     busy = series_of(daemon.host, "vm_metrics_state", lab.busy_guests[0])
     assert sum(1 for t, _ in busy if t > (stopped + 3) * 1000) >= 3
+
+
+def test_reloads_keep_the_poll_grid(lab: Any, tmp_path: Path) -> None:
+    daemon = DaemonProcess(lab_environment(lab, tmp_path, POLL_INTERVAL="1"), tmp_path).start()
+    try:
+        daemon.wait_for(lambda s: s["written"] > 0, 30, "a first write")
+        for _ in range(4):
+            daemon.signal(signal.SIGHUP)
+            time.sleep(1.3)
+        status = daemon.wait_for(lambda s: s["generation"] == 5, 10, "four reloads")
+        time.sleep(1.5)
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    times = series_of(daemon.host, "vm_metrics_state", lab.busy_guests[0])
+    assert len(missing_ticks([t for t, _ in times], 1.0)) <= status["overruns"], times

@@ -8,7 +8,7 @@ from typing import Any
 
 import labkit
 import pytest
-from daemonproc import DaemonProcess, lab_environment
+from daemonproc import DaemonProcess, lab_environment, missing_ticks
 
 pytestmark = pytest.mark.lab
 
@@ -20,16 +20,6 @@ def sample_times(host: str, vm: str) -> list[int]:
     """Millisecond timestamps of one guest's samples in the database, duplicates kept."""
     rows = labkit.query(f'{{__name__="vm_metrics_state",host="{host}",vm="{vm}"}}')
     return sorted(t for row in rows for t in row["timestamps"])
-
-
-def tick_numbers(times: list[int]) -> list[int]:
-    """Each sample's tick on the poll grid, counted from the first one."""
-    return [round((t - times[0]) / 1000 / INTERVAL_S) for t in times]
-
-
-def missing_ticks(times: list[int]) -> list[int]:
-    ticks = tick_numbers(times)
-    return sorted(set(range(ticks[-1] + 1)) - set(ticks))
 
 
 def daemon(lab: Any, workdir: Path, **overrides: object) -> DaemonProcess:
@@ -70,7 +60,8 @@ def test_a_minute_long_outage_loses_no_sample(
     times = sample_times(run.host, guest)
     assert len(times) == len(set(times)), "a sample was stored twice"
     overruns = run.status()["overruns"]
-    assert len(missing_ticks(times)) <= overruns, (missing_ticks(times), overruns)
+    missing = missing_ticks(times, INTERVAL_S)
+    assert len(missing) <= overruns, (missing, overruns)
     assert len(times) >= 60 / INTERVAL_S, len(times)
     assert after["dropped"] == 0
 
@@ -97,7 +88,7 @@ def test_sigkill_loses_at_most_one_batch_and_the_spool_survives(
         assert second.stop() == 0, second.output()
     times = sample_times(first.host, guest)
     before = [t for t in times if t < killed_ms]
-    assert missing_ticks(before) == [], "a sample spooled before the kill is missing"
+    assert missing_ticks(before, INTERVAL_S) == [], "a sample spooled before the kill is missing"
     lost_ms = killed_ms - before[-1]
     assert lost_ms <= (BATCH_S + 2 * INTERVAL_S) * 1000, f"{lost_ms:.0f} ms lost before the kill"
     assert any(t > restarted_ms for t in times), "nothing written after the restart"

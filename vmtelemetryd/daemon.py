@@ -119,18 +119,18 @@ class Daemon:
         ):
             signal.signal(signum, lambda *_, e=name: self._events.put(e))
         log.info("started", config=str(self.config.source or "environment only"), pid=os.getpid())
-        alive = self._cycle()
+        alive = self._tick()
         # status.json before READY=1: once `systemctl start` returns, it shows the first poll.
         self._report(alive)
         self._health.ready(self._summary())
         while True:
-            event = self._wait(self._ticker.advance(time.monotonic()), alive)
+            event = self._wait(self._ticker.due(), alive)
             if event == "stop":
                 break
             if event == "reload":
-                self._reload()
+                self._reload()  # the tick waited for is still due
             else:
-                alive = self._cycle()
+                alive = self._tick()
             self._report(alive)
         self._shutdown()
         return 0
@@ -149,6 +149,12 @@ class Daemon:
                 if ping_every is not None:
                     self._health.watchdog()
         return None
+
+    def _tick(self) -> bool:
+        """A cycle, then the next tick laid on the grid (skipping any it overran)."""
+        alive = self._cycle()
+        self._ticker.advance(time.monotonic())
+        return alive
 
     def _cycle(self) -> bool:
         """One tick's work; True when the daemon made progress (for the watchdog)."""
