@@ -20,7 +20,9 @@ that namespace, so ``SystemdNS`` boots it like this:
   ``/etc/passwd``, and the unit, the configuration, ``/usr/bin/vmtelemetryd``
   and the spool land in RAM), an empty ``/etc/systemd/system``, and
   ``/dev/console`` bound to a file (``console.log``) instead of the machine's
-  console.
+  console. ``SystemdNS(workdir, packages=True)`` overlays ``/usr`` and ``/opt``
+  as well and puts an empty tmpfs on ``/lib/systemd/system``, so that ``dpkg -i``
+  (whose database is in ``/var/lib/dpkg``) installs a package there in RAM.
 - Its own cgroup: a new child of this process's cgroup2 cgroup, made the root
   of the cgroup namespace and mounted on ``/sys/fs/cgroup`` inside; removed
   after power-off.
@@ -29,7 +31,9 @@ that namespace, so ``SystemdNS`` boots it like this:
   minimal boot target ``vmt-test.target``, journald, empty ``sysinit.target``
   and ``basic.target``, and the power-off chain. Nothing the machine has
   enabled (libvirtd, databases) can start here: ``Wants=`` in the unit under
-  test name units that do not exist in the namespace.
+  test name units that do not exist in the namespace. With ``packages=True``,
+  ``/lib/systemd/system`` follows on the path: the emptied one, holding only
+  what a package installed there.
 
 Commands run inside through ``nsenter -t PID -p -m``; ``poweroff()`` is
 ``systemctl poweroff``, with SIGKILL of the namespace's PID 1 as the fallback.
@@ -58,6 +62,12 @@ CONTAINER = "vmtelemetryd-test"
 BOOT_TARGET = "vmt-test.target"
 CGROUP_PREFIX = "vmt-systemdns-"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Overlaid in RAM in every namespace (and /usr/bin after them).
+OVERLAID = ("etc", "var")
+# SystemdNS(packages=True): also overlaid, for dpkg to install into; and unit
+# directories a package fills, found by systemd, but emptied (a tmpfs) first.
+PACKAGE_OVERLAID = ("usr", "opt")
+PACKAGE_UNIT_DIRS = ("/lib/systemd/system",)
 
 # Units taken as they are from the machine: journald and the power-off chain.
 COPIED_UNITS = (
@@ -122,7 +132,7 @@ SCRATCH=/run/vmtns
 mkdir -p "$SCRATCH"
 cp -a "$STAGE/units" "$SCRATCH/units"
 cp -a "$STAGE/etc" "$SCRATCH/etc-add"
-for dir in etc var usr/bin; do
+for dir in VMT_OVERLAYS; do
     name=$(echo "$dir" | tr / _)
     mkdir -p "$SCRATCH/$name.upper" "$SCRATCH/$name.work"
     mount -t overlay -o "lowerdir=/$dir,upperdir=$SCRATCH/$name.upper,workdir=$SCRATCH/$name.work" \
@@ -144,6 +154,9 @@ for keep in VMT_KEEP; do
     i=$((i + 1)); mkdir -p "$keep"; mount --move "$SCRATCH/keep$i" "$keep"
 done
 mount -t tmpfs -o mode=0755 vmtns-units /etc/systemd/system
+for dir in VMT_EMPTIED; do
+    mount -t tmpfs -o mode=0755 vmtns-emptied "$dir"
+done
 cp -a "$SCRATCH/units/." /etc/systemd/system/
 cp -a "$SCRATCH/etc-add/." /etc/
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
@@ -152,7 +165,7 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # back. These are new peer groups of this namespace's own; nothing reaches
 # the machine's mounts, which unshare made private above.
 mount --make-rshared /
-exec env -i container=VMT_CONTAINER SYSTEMD_UNIT_PATH=/etc/systemd/system PATH=VMT_PATH \
+exec env -i container=VMT_CONTAINER SYSTEMD_UNIT_PATH=VMT_UNITS PATH=VMT_PATH \
     LANG=C.UTF-8 VMT_SYSTEMD --system --unit=VMT_TARGET --log-level=info
 """
 
@@ -230,10 +243,17 @@ def _kill_leftovers() -> None:
 
 
 class SystemdNS:
-    """One booted systemd; ``with SystemdNS(workdir) as ns:`` boots it and powers it off."""
+    """One booted systemd; ``with SystemdNS(workdir) as ns:`` boots it and powers it off.
 
-    def __init__(self, workdir: Path) -> None:
+    ``packages=True`` readies it for installing a package with dpkg: ``/usr`` and
+    ``/opt`` are overlaid too (in RAM, like ``/etc`` and ``/var``, which hold dpkg's
+    database), and systemd also loads units from ``/lib/systemd/system``, where a
+    package puts them, over an empty tmpfs: the machine's own units stay out of reach.
+    """
+
+    def __init__(self, workdir: Path, *, packages: bool = False) -> None:
         self.workdir = workdir
+        self.packages = packages
         self.stage = workdir / "systemdns"
         self.console = self.stage / "console.log"
         self.pid = 0
@@ -269,6 +289,9 @@ class SystemdNS:
             .replace("VMT_SYSTEMD", str(SYSTEMD))
             .replace("VMT_TARGET", BOOT_TARGET)
             .replace("VMT_KEEP", " ".join(shlex.quote(str(p)) for p in checkout_paths_under(TMP)))
+            .replace("VMT_OVERLAYS", " ".join(self._overlays()))
+            .replace("VMT_EMPTIED", " ".join(PACKAGE_UNIT_DIRS if self.packages else ()))
+            .replace("VMT_UNITS", ":".join(self._unit_path()))
         )
         (self.stage / "launch.sh").write_text(launch)
         # The shell moves itself into the new cgroup, then becomes unshare,
@@ -296,6 +319,13 @@ class SystemdNS:
             self.close(graceful=False)
             raise
         return self
+
+    def _overlays(self) -> list[str]:
+        """The directories overlaid in RAM, as paths relative to /, parents first."""
+        return [*OVERLAID, *(PACKAGE_OVERLAID if self.packages else ()), "usr/bin"]
+
+    def _unit_path(self) -> list[str]:
+        return ["/etc/systemd/system", *(PACKAGE_UNIT_DIRS if self.packages else ())]
 
     def _stage(self) -> None:
         units = self.stage / "units"
