@@ -50,9 +50,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT_DIR = REPO / "systemd"
@@ -527,6 +533,58 @@ def checkout_paths_under(top: Path) -> list[Path]:
     needed = sorted({Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), REPO})
     below = [p for p in needed if p.is_relative_to(top)]
     return [p for p in below if not any(p != q and p.is_relative_to(q) for q in below)]
+
+
+@contextlib.contextmanager
+def booted_for_test(workdir: Path, *, packages: bool = False) -> Iterator[SystemdNS]:
+    """A booted namespace for one test, skipped with the reason where systemd cannot boot.
+
+    At the end its journal is saved in ``workdir`` and printed: pytest shows it
+    for a test that failed.
+    """
+    reason = cannot_boot_reason()
+    if reason:
+        pytest.skip(f"systemd cannot boot in a namespace here: {reason}")
+    with SystemdNS(workdir, packages=packages) as booted:
+        try:
+            yield booted
+        finally:
+            with contextlib.suppress(Exception):
+                journal = booted.journal("-o", "short-monotonic")
+                (workdir / "journal.txt").write_text(journal)
+                print("--- journal (last 80 lines) ---")
+                print("\n".join(journal.splitlines()[-80:]))
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float, what: str, every: float = 0.1) -> T:
+    """Poll ``probe`` until it gives something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
+def lab_service_config(lab: Any, tag_prefix: str, **overrides: object) -> dict[str, str]:
+    """The service's configuration file for the lab, under a HOST_TAG of its own.
+
+    The token is not in it: it comes as the credential.
+    """
+    config = {
+        "LIBVIRT_URI": lab.libvirt_uri,
+        "INFLUX_URL": lab.influx_url,
+        "INFLUX_DB": lab.influx_db,
+        "INFLUX_WRITE_API": lab.write_api,
+        "HOST_TAG": f"{tag_prefix}-{uuid.uuid4().hex[:10]}",
+        "DOMAINS_INCLUDE": f"{lab.prefix}*",
+        "POLL_INTERVAL": "0.5",
+        "BATCH_MAX_SEC": "0.5",
+    }
+    config.update({k: str(v) for k, v in overrides.items()})
+    return config
 
 
 def dotenv(config: Mapping[str, str]) -> str:

@@ -29,15 +29,21 @@ import shutil
 import subprocess
 import time
 import tomllib
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import labkit
 import pytest
-from systemdns import REPO, SystemdNS, cannot_boot_reason, dotenv
+from systemdns import (
+    REPO,
+    SystemdNS,
+    booted_for_test,
+    dotenv,
+    lab_service_config,
+    wait_for,
+)
 
 PACKAGING = REPO / "packaging"
 CACHE = Path("/var/tmp/vmtelemetryd-pkgtest")
@@ -546,34 +552,15 @@ def test_deb_installs_and_purges_without_a_running_systemd(built: Built) -> None
 
 @pytest.fixture
 def pkg_ns(lab: Any, tmp_path: Path) -> Iterator[SystemdNS]:
-    reason = cannot_boot_reason()
-    if reason:
-        pytest.skip(f"systemd cannot boot in a namespace here: {reason}")
-    with SystemdNS(tmp_path, packages=True) as booted:
+    with booted_for_test(tmp_path, packages=True) as booted:
         # A real host has no policy-rc.d. This machine's (Docker's "exit 101") would keep
         # deb-systemd-invoke from starting anything; it goes, in the namespace only.
         booted.remove("/usr/sbin/policy-rc.d")
-        try:
-            yield booted
-        finally:
-            with contextlib.suppress(Exception):
-                journal = booted.journal("-o", "short-monotonic")
-                (tmp_path / "journal.txt").write_text(journal)
-                print("--- journal (last 80 lines) ---")
-                print("\n".join(journal.splitlines()[-80:]))
+        yield booted
 
 
 def lab_config(lab: Any) -> dict[str, str]:
-    return {
-        "LIBVIRT_URI": lab.libvirt_uri,
-        "INFLUX_URL": lab.influx_url,
-        "INFLUX_DB": lab.influx_db,
-        "INFLUX_WRITE_API": lab.write_api,
-        "HOST_TAG": f"pkg-{uuid.uuid4().hex[:10]}",
-        "DOMAINS_INCLUDE": f"{lab.prefix}*",
-        "POLL_INTERVAL": "0.5",
-        "BATCH_MAX_SEC": "0.5",
-    }
+    return lab_service_config(lab, "pkg")
 
 
 def configure(ns: SystemdNS, lab: Any, config: dict[str, str], group: str = "root") -> None:
@@ -596,17 +583,6 @@ def state(ns: SystemdNS) -> dict[str, str]:
 
 def exists(ns: SystemdNS, path: str) -> bool:
     return ns.run("test", "-e", path, check=False).returncode == 0
-
-
-def wait_for(probe: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def wait_for_points(lab: Any, host_tag: str, since_ms: float = 0) -> dict[str, list[int]]:

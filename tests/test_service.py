@@ -13,7 +13,6 @@ the lab (``labkit.up``) creates it on the machine from the same file.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -23,7 +22,6 @@ import signal
 import statistics
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,9 +35,11 @@ from systemdns import (
     STATUS_PATH,
     TOKEN_PATH,
     SystemdNS,
-    cannot_boot_reason,
+    booted_for_test,
     dotenv,
     install_vmtelemetryd,
+    lab_service_config,
+    wait_for,
 )
 
 UNIT_FILE = REPO / "systemd" / SERVICE
@@ -53,35 +53,12 @@ T = TypeVar("T")
 
 @pytest.fixture
 def ns(lab: Any, tmp_path: Path) -> Iterator[SystemdNS]:
-    reason = cannot_boot_reason()
-    if reason:
-        pytest.skip(f"systemd cannot boot in a namespace here: {reason}")
-    with SystemdNS(tmp_path) as booted:
-        try:
-            yield booted
-        finally:
-            # Shown by pytest only when the test failed.
-            with contextlib.suppress(Exception):
-                journal = booted.journal("-o", "short-monotonic")
-                (tmp_path / "journal.txt").write_text(journal)
-                print("--- journal (last 80 lines) ---")
-                print("\n".join(journal.splitlines()[-80:]))
+    with booted_for_test(tmp_path) as booted:
+        yield booted
 
 
 def lab_config(lab: Any, **overrides: object) -> dict[str, str]:
-    """The service's configuration file for the lab; the token comes as the credential."""
-    config = {
-        "LIBVIRT_URI": lab.libvirt_uri,
-        "INFLUX_URL": lab.influx_url,
-        "INFLUX_DB": lab.influx_db,
-        "INFLUX_WRITE_API": lab.write_api,
-        "HOST_TAG": f"svc-{uuid.uuid4().hex[:10]}",
-        "DOMAINS_INCLUDE": f"{lab.prefix}*",
-        "POLL_INTERVAL": "0.5",
-        "BATCH_MAX_SEC": "0.5",
-    }
-    config.update({k: str(v) for k, v in overrides.items()})
-    return config
+    return lab_service_config(lab, "svc", **overrides)
 
 
 def install(
@@ -107,17 +84,6 @@ def status(ns: SystemdNS) -> dict[str, Any] | None:
 
 def show(ns: SystemdNS, *properties: str) -> dict[str, str]:
     return ns.show(SERVICE, *properties)
-
-
-def wait_for(probe: Callable[[], T | None], timeout: float, what: str, every: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
 
 
 def wait_status(
