@@ -268,6 +268,16 @@ def test_a_batch_bigger_than_max_bytes_keeps_its_newest_records(tmp_path: Path) 
         assert drain(spool, 500) == sent[spool.dropped_lines :]
 
 
+def test_a_failed_append_counts_none_of_its_lines_as_dropped(tmp_path: Path) -> None:
+    sent = batch("a", 4000, width=200)  # four times max_bytes: its oldest records cannot stay
+    with reopened(tmp_path, 256 * 1024) as spool:
+        with file_size_limit(1000), pytest.raises(SpoolError, match="File too large"):
+            spool.append(sent)
+        assert spool.dropped_lines == 0  # the caller still holds every line
+        spool.append(sent)
+        assert spool.dropped_lines + spool.lines == len(sent)
+
+
 def test_a_line_with_a_newline_is_refused_before_writing(tmp_path: Path) -> None:
     with reopened(tmp_path) as spool:
         with pytest.raises(ValueError):

@@ -131,26 +131,10 @@ class Spool:
         if not lines:
             return
         records = self._make_room(encode(lines))
-        if not records:
-            return
-        data = b"".join(record.data for record in records)
-        segment, fd = self._writer()
-        start = self._segments[segment]
-        try:
-            write_all(fd, data)
-            os.fdatasync(fd)
-            if start == 0:
-                os.fsync(self._dir_fd)  # the new file's name, not only its data
-        except OSError as error:
-            self._abandon_writer(start)
-            raise spool_error("write", segment_path(self._dir, segment), error) from error
-        offset = start
-        for record in records:
-            self._records.append(Record(segment, offset, len(record.data), record.lines))
-            offset += len(record.data)
-        self._segments[segment] = offset
-        self._bytes += len(data)
-        self._lines += sum(record.lines for record in records)
+        if records:
+            self._store(records)
+        # Only once stored: after a SpoolError the caller still holds all of ``lines``.
+        self._dropped_lines += len(lines) - sum(record.lines for record in records)
 
     def peek(self, max_lines: int) -> SpoolBatch | None:
         """The oldest unacknowledged lines, at most ``max_lines``; None when there are none.
@@ -304,10 +288,29 @@ class Spool:
         while self._segments and self._bytes + needed > self._max_bytes:
             self._drop_oldest_segment()
         while records and needed > self._max_bytes:
-            record = records.pop(0)
-            needed -= len(record.data)
-            self._dropped_lines += record.lines
+            needed -= len(records.pop(0).data)
         return records
+
+    def _store(self, records: list[Encoded]) -> None:
+        """Append ``records`` with one write and one fdatasync; on failure cut them back off."""
+        data = b"".join(record.data for record in records)
+        segment, fd = self._writer()
+        start = self._segments[segment]
+        try:
+            write_all(fd, data)
+            os.fdatasync(fd)
+            if start == 0:
+                os.fsync(self._dir_fd)  # the new file's name, not only its data
+        except OSError as error:
+            self._abandon_writer(start)
+            raise spool_error("write", segment_path(self._dir, segment), error) from error
+        offset = start
+        for record in records:
+            self._records.append(Record(segment, offset, len(record.data), record.lines))
+            offset += len(record.data)
+        self._segments[segment] = offset
+        self._bytes += len(data)
+        self._lines += sum(record.lines for record in records)
 
     def _drop_oldest_segment(self) -> None:
         number = next(iter(self._segments))
