@@ -6,10 +6,17 @@ docs show (``/api/v3/write_lp``: 400 ``partial write of line protocol
 occurred`` with ``data[].line_number`` counted from 1). Everything it is
 not told to refuse it records as accepted, so a test can check which lines
 were delivered, and how many times.
+
+It checks what a real InfluxDB 3 checks before it reads a line: the token
+(``Authorization: Token|Bearer <token>``, else 401), the database (``db=``
+on ``/api/v3/write_lp``, ``bucket=`` on ``/api/v2/write``, else 404), the
+precision (our timestamps are nanoseconds: ``nanosecond`` or ``ns``, else
+400), and a gzip body when ``Content-Encoding: gzip`` says so.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 import time
@@ -17,6 +24,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+TOKEN = "secret-token"
+DATABASE = "db"
+PRECISIONS = {"/api/v3/write_lp": ("nanosecond", "db"), "/api/v2/write": ("ns", "bucket")}
 
 
 @dataclass(frozen=True)
@@ -34,19 +46,27 @@ class FakeInflux3:
     """Answers from ``script`` first, in order; then 204, or a partial write for rejected lines."""
 
     script: list[Answer] = field(default_factory=list)
+    token: str = TOKEN
+    database: str = DATABASE
     reject: Rejector | None = None
     max_lines: int | None = None  # more lines than this in one request: 413
     delay_s: float = 0.0  # a slow database: each answer waits this long
     requests: list[list[str]] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    wire_bytes: list[int] = field(default_factory=list)  # each request body as received
+    encodings: list[str] = field(default_factory=list)  # each request's Content-Encoding
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def answer(self, path: str, lines: list[str]) -> Answer:
+    def answer(self, target: str, headers: dict[str, str], lines: list[str]) -> Answer:
         time.sleep(self.delay_s)
+        path = urlsplit(target).path
         with self.lock:
-            self.paths.append(path)
+            self.paths.append(target)
             self.requests.append(lines)
+            refusal = self._refusal(path, parse_qs(urlsplit(target).query), headers)
+            if refusal is not None:
+                return refusal
             if self.script:
                 return self.script.pop(0)
             if self.max_lines is not None and len(lines) > self.max_lines:
@@ -57,6 +77,21 @@ class FakeInflux3:
         if not errors:
             return Answer(204)
         return Answer(400, {"error": "partial write of line protocol occurred", "data": errors})
+
+    def _refusal(
+        self, path: str, query: dict[str, list[str]], headers: dict[str, str]
+    ) -> Answer | None:
+        if path not in PRECISIONS:
+            return Answer(404, {"error": f"no such endpoint {path}"})
+        precision, database_key = PRECISIONS[path]
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme not in ("Token", "Bearer") or given != self.token:
+            return Answer(401, {"error": "the request was not authenticated"})
+        if query.get(database_key) != [self.database]:
+            return Answer(404, {"error": f"database not found: {query.get(database_key)}"})
+        if query.get("precision") != [precision]:
+            return Answer(400, {"error": f"invalid precision {query.get('precision')}"})
+        return None
 
     def _line_errors(self, lines: list[str]) -> list[dict[str, object]]:
         if self.reject is None:
@@ -78,8 +113,14 @@ def serve(fake: FakeInflux3) -> Iterator[str]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
-            body = self.rfile.read(length).decode()
-            answer = fake.answer(self.path, [line for line in body.split("\n") if line])
+            raw = self.rfile.read(length)
+            encoding = self.headers.get("Content-Encoding", "")
+            with fake.lock:
+                fake.wire_bytes.append(len(raw))
+                fake.encodings.append(encoding)
+            body = (gzip.decompress(raw) if encoding == "gzip" else raw).decode()
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            answer = fake.answer(self.path, headers, [line for line in body.split("\n") if line])
             payload = json.dumps(answer.body).encode() if answer.body is not None else b""
             self.send_response(answer.status)
             for name, value in answer.headers.items():

@@ -219,3 +219,20 @@ def test_reconfiguring_reaches_loggers_already_used() -> None:
     )
     assert TIMESTAMP.match(lines[0])
     assert lines[1:] == ["<6>event=after"]
+
+
+def test_a_short_token_is_masked_as_a_word_and_never_inside_one() -> None:
+    """A lab's ``INFLUX_TOKEN=t`` once turned ``started`` into ``s***ar***ed``."""
+    lines = run(
+        """
+        set_redacted(["t"])
+        log.info("started", config="/tmp/test.env", auth="Token t", bare="t")
+        """,
+        fd="2",
+    )
+    assert lines == ['<6>event=started config=/tmp/test.env auth="Token ***" bare=***']
+
+
+def test_a_long_token_is_masked_even_inside_a_word() -> None:
+    lines = run(f'set_redacted(["{TOKEN}"])\nlog.info("glued", v="x{TOKEN}y")', fd="2")
+    assert lines == ["<6>event=glued v=x***y"]

@@ -23,10 +23,11 @@ from vmtelemetryd.health import Health
 from vmtelemetryd.lineprotocol import encode, encode_line
 from vmtelemetryd.logs import configure_logging, set_redacted
 from vmtelemetryd.model import Sample
+from vmtelemetryd.retry import Delivery
 from vmtelemetryd.sampler import Sampler, SamplerError, SamplerStuck
 from vmtelemetryd.scheduler import Ticker
 from vmtelemetryd.sender import Sender
-from vmtelemetryd.writer import Writer, WriterSettings, WriterStatus
+from vmtelemetryd.writer import DeliveryCounts, Writer, WriterSettings, WriterStatus
 
 log = structlog.get_logger("vmtelemetryd")
 
@@ -44,7 +45,7 @@ def open_sampler(config: Config) -> Sampler:
     )
 
 
-def open_writer(config: Config) -> Writer:
+def open_writer(config: Config, counts: DeliveryCounts | None = None) -> Writer:
     sender = Sender(
         config.influx_url,
         config.influx_db,
@@ -57,7 +58,7 @@ def open_writer(config: Config) -> Writer:
         spool_dir=config.spool_dir,
         spool_max_bytes=config.spool_max_bytes,
     )
-    writer = Writer(sender, settings)
+    writer = Writer(sender, settings, counts)
     writer.start()
     return writer
 
@@ -109,6 +110,7 @@ class Daemon:
         self._reload_error: str | None = None
         self._last: CycleReport | None = None
         self._sample_errors = 0
+        self._retired_reconnects = 0  # of samplers a reload replaced: counters only grow
         self._started = time.time()
 
     def run(self) -> int:
@@ -166,30 +168,44 @@ class Daemon:
             self._last = CycleReport(time.time(), time.monotonic() - started, 0, str(exc))
             log.error("sample failed", error=str(exc))
             return not isinstance(exc, SamplerStuck)
-        self._deliver(sample)
+        sampled = time.monotonic()
+        lines = self._deliver(sample)
         self._last = CycleReport(time.time(), time.monotonic() - started, len(sample.vms), None)
+        log.debug(
+            "poll done",
+            vms=len(sample.vms),
+            lines=lines,
+            sample_s=round(sampled - started, 4),
+            pipeline_s=round(time.monotonic() - sampled, 4),
+        )
         return True
 
-    def _deliver(self, sample: Sample) -> None:
+    def _deliver(self, sample: Sample) -> int:
         lines = encode(sample, self._features.derive(sample))
         status = self._writer.status()
         own = self._own_metrics(sample, status)
         if own is not None:
             lines.append(own)
         self._writer.submit(lines)
+        return len(lines)
+
+    @property
+    def _reconnects(self) -> int:
+        return self._retired_reconnects + self._sampler.reconnects
 
     def _own_metrics(self, sample: Sample, status: WriterStatus) -> str | None:
         last = self._last
+        counts = status.counts
         fields: dict[str, int | float] = {
             "vms": len(sample.vms),
-            "points_written": status.written,
+            "points_written": counts.written,
             "points_queued": status.queued,
             "points_spooled": status.spooled,
-            "points_dropped": status.dropped,
-            "points_dead_lettered": status.dead_lettered,
-            "write_errors": status.write_errors,
+            "points_dropped": counts.dropped,
+            "points_dead_lettered": counts.dead_lettered,
+            "write_errors": counts.write_errors,
             "sample_errors": self._sample_errors,
-            "reconnects": self._sampler.reconnects,
+            "reconnects": self._reconnects,
             "overruns": self._ticker.overruns,
         }
         if last is not None:
@@ -218,10 +234,13 @@ class Daemon:
         set_redacted([old.influx_token.reveal(), config.influx_token.reveal()])
         if _sampler_settings(old) != _sampler_settings(config):
             self._sampler.close()
+            self._retired_reconnects += self._sampler.reconnects
             self._sampler = open_sampler(config)
+            log.info("libvirt connection rebuilt", uri=config.libvirt_uri)
         if _writer_settings(old) != _writer_settings(config):
             self._writer.stop(RELOAD_FLUSH_S)
-            self._writer = open_writer(config)
+            self._writer = open_writer(config, self._writer.status().counts)
+            log.info("writer rebuilt", url=config.influx_url, database=config.influx_db)
         if old.feature_window != config.feature_window:
             self._features.resize(config.feature_window)
         if old.poll_interval != config.poll_interval:
@@ -255,7 +274,9 @@ class Daemon:
             parts.append(f"{status.spooled} spooled")
         if status.last_write_wall is not None:
             parts.append(f"last write {time.time() - status.last_write_wall:.1f} s ago")
-        error = self._reload_error or (last.error if last else None) or status.last_error
+        if status.delivery is not Delivery.OK:
+            parts.append(_delivery_words(status))
+        error = self._reload_error or (last.error if last else None)
         if error:
             parts.append(f"error: {error}")
         return ", ".join(parts)
@@ -274,8 +295,9 @@ class Daemon:
             "last_poll_duration_s": last.duration_s if last else None,
             "last_sample_error": last.error if last else None,
             "libvirt_connected": self._sampler.connected,
-            "reconnects": self._sampler.reconnects,
+            "reconnects": self._reconnects,
             "overruns": self._ticker.overruns,
+            "delivery": status.delivery.value,
             "last_write": status.last_write_wall,
             "last_write_error": status.last_error,
             "spool_error": status.spool_error,
@@ -284,11 +306,29 @@ class Daemon:
 
 
 def _counts(status: WriterStatus) -> dict[str, int]:
+    counts = status.counts
     return {
         "queued": status.queued,
         "spooled": status.spooled,
-        "written": status.written,
-        "dropped": status.dropped,
-        "dead_lettered": status.dead_lettered,
-        "write_errors": status.write_errors,
+        "written": counts.written,
+        "dropped": counts.dropped,
+        "dead_lettered": counts.dead_lettered,
+        "write_errors": counts.write_errors,
     }
+
+
+_DELIVERY_WORDS = {
+    Delivery.RETRYING: "database unreachable, retrying",
+    Delivery.REFUSED: "database REFUSED the writes (token, database or URL)",
+    Delivery.SPOOL_UNUSABLE: "spool unusable",
+}
+
+
+def _delivery_words(status: WriterStatus) -> str:
+    """What is wrong with delivery, in the words an operator acts on, with its reason."""
+    reason = status.spool_error if status.delivery is Delivery.SPOOL_UNUSABLE else status.last_error
+    return (
+        f"{_DELIVERY_WORDS[status.delivery]}: {reason}"
+        if reason
+        else _DELIVERY_WORDS[status.delivery]
+    )

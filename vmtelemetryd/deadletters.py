@@ -22,7 +22,6 @@ class DeadLetters:
     def __init__(self, path: Path, max_bytes: int = MAX_BYTES) -> None:
         self.path = path
         self._max_bytes = max_bytes
-        self.count = 0
 
     def add(self, rejected: Iterable[RejectedLine]) -> None:
         """Append; an ``OSError`` here is the caller's to report, the lines are lost anyway."""
@@ -37,7 +36,6 @@ class DeadLetters:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as out:
             out.write("\n".join(records) + "\n")
-        self.count += len(records)
 
     def _rotate_if_full(self) -> None:
         try:

@@ -8,12 +8,18 @@ adds the timestamp. Elsewhere a line is for a human: timestamp, level, event.
 Usage elsewhere: ``log = structlog.get_logger()`` then
 ``log.info("poll done", vms=42)``. Register the token with ``set_redacted``
 so that it never reaches the output, whatever holds it.
+
+Masking must never damage the text: a token shorter than
+``SHORT_SECRET_CHARS`` (a lab's ``t``) is masked only where it stands as a
+word of its own, not inside ``started``; a longer one, as every real
+InfluxDB token is, wherever it appears.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -38,12 +44,13 @@ _METHOD_LEVELS = _LEVELS | {
 }
 
 _MASK = "***"
+SHORT_SECRET_CHARS = 8
 
 # Read on every event, not captured by configure_logging(): loggers bound before a
 # reload (log = structlog.get_logger().bind(...)) follow the new level and
 # token too.
 _threshold = logging.INFO
-_secrets: frozenset[str] = frozenset()
+_secrets: re.Pattern[str] | None = None
 
 
 def configure_logging(level: str, *, journal: bool | None = None) -> None:
@@ -74,7 +81,14 @@ def configure_logging(level: str, *, journal: bool | None = None) -> None:
 def set_redacted(secrets: Iterable[str]) -> None:
     """Mask these strings wherever they appear in a log line; replaces the previous set."""
     global _secrets
-    _secrets = frozenset(secret for secret in secrets if secret)
+    # Longest first: a token that contains another is masked whole.
+    patterns = [_secret_pattern(s) for s in sorted(set(secrets) - {""}, key=len, reverse=True)]
+    _secrets = re.compile("|".join(patterns)) if patterns else None
+
+
+def _secret_pattern(secret: str) -> str:
+    escaped = re.escape(secret)
+    return escaped if len(secret) >= SHORT_SECRET_CHARS else rf"(?<!\w){escaped}(?!\w)"
 
 
 def is_journal(stream: TextIO) -> bool:
@@ -140,8 +154,8 @@ class _Finish:
 
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> str:
         line = str(self.render(logger, method_name, event_dict))
-        for secret in _secrets:
-            line = line.replace(secret, _MASK)
+        if _secrets is not None:
+            line = _secrets.sub(_MASK, line)
         if self.syslog_prefix:
             return f"<{_priority(method_name)}>{line}"
         return line

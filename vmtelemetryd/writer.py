@@ -1,50 +1,76 @@
 """The delivery stage: a background thread between the encoder and the database.
 
 The sampler's thread only appends to a memory queue and never waits on the
-network. The writer thread sends that queue in batches while the database
-keeps up, and nothing touches the disk. When a write fails, or the queue
-grows past its high-water mark, the queue moves to the durable spool and new
-lines follow it there until the spool has drained, oldest first; a line
-leaves the spool only once the database accepted it.
+network or the disk. While the database keeps up, the writer sends that
+queue in batches and nothing touches the disk. Once a write fails, or takes
+longer than ``BATCH_MAX_SEC``, or the queue grows past its high-water mark,
+the writer is *spooling*: every ``BATCH_MAX_SEC`` the queue moves to the
+durable spool, and the spool drains oldest first; a line leaves the spool
+only once the database accepted it.
+
+Each write runs on a thread of its own, one at a time, so that a database
+that hangs or a retry that waits never keeps the queue from the spool: what
+lives only in memory is the batch being written and, while spooling, at most
+one batch period of new lines.
 """
 
 from __future__ import annotations
 
-import random
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from itertools import islice
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
 from vmtelemetryd.deadletters import DeadLetters
+from vmtelemetryd.retry import Delivery, RetryPolicy
 from vmtelemetryd.sender import Outcome, RejectedLine, Sender, WriteError
-from vmtelemetryd.spool import Spool, SpoolError
+from vmtelemetryd.spool import Spool, SpoolBatch, SpoolError
 
 log = structlog.get_logger("vmtelemetryd.writer")
 
-BACKOFF_FIRST_S = 1.0
-BACKOFF_CAP_S = 60.0
-RETRY_AFTER_CAP_S = 300.0
 SPOOL_RETRY_S = 10.0
 HIGH_WATER_BATCHES = 10
 MEMORY_CAP_BATCHES = 100
+DEAD_LETTERS_FILE = "dead-letters.jsonl"
+REFUSED_HINT = "check INFLUX_TOKEN, INFLUX_DB and INFLUX_URL, then reload"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryCounts:
+    """Counters that only grow; a writer rebuilt by a reload starts from the old one's."""
+
+    written: int = 0
+    dropped: int = 0
+    dead_lettered: int = 0
+    write_errors: int = 0
+
+    def __add__(self, other: DeliveryCounts) -> DeliveryCounts:
+        return DeliveryCounts(
+            written=self.written + other.written,
+            dropped=self.dropped + other.dropped,
+            dead_lettered=self.dead_lettered + other.dead_lettered,
+            write_errors=self.write_errors + other.write_errors,
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class WriterStatus:
-    """A snapshot for status.json and the daemon's own measurement."""
+    """A consistent snapshot for status.json and the daemon's own measurement.
+
+    ``queued`` counts every line that lives only in memory (the write in
+    flight included) and ``spooled`` every line on disk: a line is in exactly
+    one of them.
+    """
 
     queued: int
     spooled: int
-    written: int
-    dropped: int
-    dead_lettered: int
-    write_errors: int
+    counts: DeliveryCounts
+    delivery: Delivery
     last_write_wall: float | None
     last_error: str | None
     spool_error: str | None
@@ -58,28 +84,45 @@ class WriterSettings:
     spool_max_bytes: int
 
 
+@dataclass
+class _Attempt:
+    """One write in flight; its thread fills in the outcome, the writer thread settles it."""
+
+    lines: list[str]
+    spooled: SpoolBatch | None  # None: the lines were taken from the memory queue
+    started: float
+    finished: bool = False
+    error: WriteError | None = None
+    written: int = 0
+    rejections: list[WriteError] = field(default_factory=list)
+
+
 class Writer:
     """Owns the sender, the spool and the dead letters; only its thread touches them."""
 
-    def __init__(self, sender: Sender, settings: WriterSettings) -> None:
+    def __init__(
+        self, sender: Sender, settings: WriterSettings, counts: DeliveryCounts | None = None
+    ) -> None:
         self._sender = sender
         self._settings = settings
-        self._dead_letters = DeadLetters(settings.spool_dir.parent / "dead-letters.jsonl")
+        self._dead_letters = DeadLetters(settings.spool_dir / DEAD_LETTERS_FILE)
+        self._retry = RetryPolicy()
         self._cond = threading.Condition()
+        # Shared with submit() and status(): read and written under _cond.
         self._queue: deque[str] = deque()
         self._oldest_at = 0.0
         self._stop_by: float | None = None
-        self._spool: Spool | None = None
-        self._spool_retry_at = 0.0
-        self._spooling = False
-        self._retry_at = 0.0
-        self._failures = 0
-        self._written = 0
-        self._dropped = 0
-        self._write_errors = 0
+        self._in_flight = 0
+        self._spooled = 0
+        self._counts = counts or DeliveryCounts()
         self._last_write_wall: float | None = None
         self._last_error: str | None = None
         self._spool_error: str | None = None
+        # The writer thread's own.
+        self._spool: Spool | None = None
+        self._spool_retry_at = 0.0
+        self._spooling = False
+        self._attempt: _Attempt | None = None
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
 
     def start(self) -> None:
@@ -90,10 +133,11 @@ class Writer:
         if not lines:
             return
         with self._cond:
-            if not self._queue:
+            was_empty = not self._queue
+            if was_empty:
                 self._oldest_at = time.monotonic()
             self._queue.extend(lines)
-            if len(self._queue) >= self._settings.batch_max_lines:
+            if was_empty or len(self._queue) >= self._settings.batch_max_lines:
                 self._cond.notify()
 
     def stop(self, timeout: float) -> None:
@@ -105,135 +149,165 @@ class Writer:
 
     def status(self) -> WriterStatus:
         with self._cond:
-            queued = len(self._queue)
-        spool = self._spool
-        return WriterStatus(
-            queued=queued,
-            spooled=spool.lines if spool is not None else 0,
-            written=self._written,
-            dropped=self._dropped + (spool.dropped_lines if spool is not None else 0),
-            dead_lettered=self._dead_letters.count,
-            write_errors=self._write_errors,
-            last_write_wall=self._last_write_wall,
-            last_error=self._last_error,
-            spool_error=self._spool_error,
-        )
+            return WriterStatus(
+                queued=len(self._queue) + self._in_flight,
+                spooled=self._spooled,
+                counts=self._counts,
+                delivery=self._delivery(),
+                last_write_wall=self._last_write_wall,
+                last_error=self._last_error,
+                spool_error=self._spool_error,
+            )
+
+    def _delivery(self) -> Delivery:
+        state = self._retry.state
+        if state is Delivery.REFUSED or self._spool_error is None:
+            return state
+        return Delivery.SPOOL_UNUSABLE
+
+    # --- the writer thread
 
     def _run(self) -> None:
         self._open_spool()
         while self._wait_for_work():
-            self._step()
+            self._step(time.monotonic())
         self._finish()
 
     def _wait_for_work(self) -> bool:
-        """Sleep until a batch is due, a retry is due, or a stop is asked; False on stop."""
+        """Sleep until a step has something to do or a stop is asked; False on stop."""
         with self._cond:
             while self._stop_by is None:
-                wait = self._seconds_until_due()
+                wait = self._next_due() - time.monotonic()
                 if wait <= 0:
                     return True
-                self._cond.wait(wait)
+                self._cond.wait(None if math.isinf(wait) else wait)
             return False
 
-    def _seconds_until_due(self) -> float:
-        now = time.monotonic()
-        if self._retry_at > now:
-            # While waiting to retry, still move the queue to the spool every batch period.
-            return min(self._retry_at - now, self._settings.batch_max_sec)
-        if self._spooling and (self._has_spooled() or self._queue):
+    def _next_due(self) -> float:
+        attempt = self._attempt
+        if attempt is None:
+            return min(self._park_due(), self._send_due())
+        if attempt.finished:
             return 0.0
-        if not self._queue:
-            return self._settings.batch_max_sec
-        if len(self._queue) >= self._settings.batch_max_lines:
-            return 0.0
-        return self._oldest_at + self._settings.batch_max_sec - now
+        slow_at = math.inf if self._spooling else attempt.started + self._settings.batch_max_sec
+        return min(slow_at, self._park_due())
 
-    def _step(self) -> None:
+    def _step(self, now: float) -> None:
+        attempt = self._attempt
+        if attempt is not None and attempt.finished:
+            self._settle(attempt)
+        elif attempt is not None and now - attempt.started >= self._settings.batch_max_sec:
+            self._enter_spooling("a write is taking longer than BATCH_MAX_SEC")
         if len(self._queue) > HIGH_WATER_BATCHES * self._settings.batch_max_lines:
             self._enter_spooling("memory queue past its high-water mark")
-        if self._spooling:
+        if self._park_due() <= now:
             self._queue_to_spool()
-            self._bound_memory()
-        if time.monotonic() < self._retry_at:
-            return
+        self._bound_memory()
+        if self._attempt is None and self._send_due() <= now:
+            self._start_attempt()
+
+    def _batch_due(self) -> float:
+        """When the lines in the queue make a batch: full, or the oldest has waited enough."""
+        if len(self._queue) >= self._settings.batch_max_lines:
+            return 0.0
+        return self._oldest_at + self._settings.batch_max_sec
+
+    def _park_due(self) -> float:
+        """While spooling, the queue moves to the spool once per batch."""
+        if not (self._spooling and self._queue):
+            return math.inf
+        return max(self._batch_due(), self._spool_retry_at)
+
+    def _send_due(self) -> float:
         if self._has_spooled():
-            delivered = self._send_from_spool()
-        elif self._queue:
-            delivered = self._send_from_queue()
+            return max(self._retry.retry_at, self._spool_retry_at)
+        if self._queue and (not self._spooling or self._spool_error is not None):
+            return max(self._batch_due(), self._retry.retry_at)
+        return math.inf
+
+    def _start_attempt(self) -> None:
+        batch_max = self._settings.batch_max_lines
+        spooled: SpoolBatch | None = None
+        if self._has_spooled():
+            assert self._spool is not None
+            try:
+                spooled = self._spool.peek(batch_max)
+            except SpoolError as exc:
+                self._spool_failed(exc)
+                return
+            if spooled is None:
+                return
+            lines = list(spooled.lines)
         else:
+            with self._cond:
+                lines = [self._queue.popleft() for _ in range(min(batch_max, len(self._queue)))]
+                self._in_flight = len(lines)
+                self._oldest_at = time.monotonic()
+        self._attempt = _Attempt(lines, spooled, time.monotonic())
+        threading.Thread(
+            target=self._write, args=(self._attempt,), name="writer-send", daemon=True
+        ).start()
+
+    def _write(self, attempt: _Attempt) -> None:
+        """On the attempt's own thread: only the sender, no writer state."""
+        error = _send_splitting(self._sender, attempt.lines, attempt)
+        with self._cond:
+            attempt.error = error
+            attempt.finished = True
+            self._cond.notify()
+
+    def _settle(self, attempt: _Attempt) -> None:
+        self._attempt = None
+        seconds = round(time.monotonic() - attempt.started, 3)
+        source = "memory" if attempt.spooled is None else "spool"
+        if attempt.error is not None:
+            self._failed(attempt, attempt.error)
             return
-        if delivered and self._spooling and not self._has_spooled():
+        for rejection in attempt.rejections:
+            self._reject(rejection)
+        if attempt.spooled is not None:
+            self._ack(attempt.spooled)
+        with self._cond:
+            self._retry.succeeded()
+            self._in_flight = 0
+            self._counts += DeliveryCounts(written=attempt.written)
+            self._last_write_wall = time.time()
+        log.debug("batch written", lines=len(attempt.lines), source=source, seconds=seconds)
+        if self._spooling and not self._has_spooled():
             self._spooling = False
             log.info("spool drained, writing directly again")
 
-    def _send_from_queue(self) -> bool:
+    def _failed(self, attempt: _Attempt, error: WriteError) -> None:
+        """Keep every line of the attempt; a retry redoes it whole, rejections included."""
         with self._cond:
-            batch = list(islice(self._queue, self._settings.batch_max_lines))
-        if not self._deliver(batch):
-            self._enter_spooling(self._last_error or "write failed")
-            return False
-        with self._cond:
-            for _ in batch:
-                self._queue.popleft()
-            self._oldest_at = time.monotonic()
-        return True
+            delay = self._retry.failed(error, time.monotonic())
+            if attempt.spooled is None:
+                self._queue.extendleft(reversed(attempt.lines))
+                self._in_flight = 0
+                self._oldest_at = attempt.started
+            self._counts += DeliveryCounts(write_errors=1)
+            self._last_error = error.reason
+        self._enter_spooling(error.reason)
+        details = {"reason": error.reason, "lines": len(attempt.lines), "retry_in_s": delay}
+        if error.outcome is Outcome.REFUSED:
+            # Not transient: at error priority, so that `journalctl -p err` shows it.
+            log.error("database refused the write, lines kept", hint=REFUSED_HINT, **details)
+        else:
+            log.warning("write failed", outcome=error.outcome.value, **details)
 
-    def _send_from_spool(self) -> bool:
+    def _ack(self, batch: SpoolBatch) -> None:
         assert self._spool is not None
-        try:
-            batch = self._spool.peek(self._settings.batch_max_lines)
-        except SpoolError as exc:
-            self._spool_failed(exc)
-            self._retry_at = self._spool_retry_at  # nothing to send until it can be read
-            return False
-        if batch is None or not self._deliver(list(batch.lines)):
-            return False
         try:
             self._spool.ack(batch)
         except SpoolError as exc:  # acknowledged in memory; only a restart could re-send
             self._spool_failed(exc)
-        return True
-
-    def _deliver(self, lines: list[str]) -> bool:
-        """One attempt, splitting on 413; False means keep the lines and retry later."""
-        error = self._send_splitting(lines)
-        if error is None:
-            self._failures = 0
-            self._retry_at = 0.0
-            self._last_write_wall = time.time()
-            return True
-        self._write_errors += 1
-        self._last_error = error.reason
-        self._failures += 1
-        self._retry_at = time.monotonic() + _retry_delay(self._failures, error)
-        log.warning(
-            "write failed",
-            outcome=error.outcome.value,
-            reason=error.reason,
-            lines=len(lines),
-            retry_in_s=round(self._retry_at - time.monotonic(), 1),
-        )
-        return False
-
-    def _send_splitting(self, lines: list[str]) -> WriteError | None:
-        try:
-            self._sender.send(lines)
-        except WriteError as error:
-            if error.outcome is Outcome.SPLIT and len(lines) > 1:
-                half = len(lines) // 2
-                return self._send_splitting(lines[:half]) or self._send_splitting(lines[half:])
-            if error.outcome is Outcome.SPLIT:
-                error.rejected = (RejectedLine(lines[0], error.reason),)
-            elif error.outcome is not Outcome.REJECTED:
-                return error
-            self._reject(error)
-            self._written += len(lines) - len(error.rejected)
-            return None
-        self._written += len(lines)
-        return None
+        with self._cond:
+            self._spooled = self._spool.lines
 
     def _reject(self, error: WriteError) -> None:
-        self._last_error = error.reason
+        with self._cond:
+            self._last_error = error.reason
+            self._counts += DeliveryCounts(dead_lettered=len(error.rejected))
         log.error("database rejected lines", reason=error.reason, lines=len(error.rejected))
         try:
             self._dead_letters.add(error.rejected)
@@ -247,20 +321,28 @@ class Writer:
         self._spooling = True
 
     def _queue_to_spool(self) -> None:
-        if not self._queue or not self._spool_usable():
+        if not self._spool_usable():
             return
         assert self._spool is not None
         with self._cond:
             lines = list(self._queue)
+        if not lines:
+            return
+        dropped_before = self._spool.dropped_lines
         try:
             self._spool.append(lines)
         except SpoolError as exc:
             self._spool_failed(exc)
-            return
-        self._spool_error = None
+            lines = []  # still in the queue; making room may have dropped old ones all the same
         with self._cond:
             for _ in lines:
                 self._queue.popleft()
+            self._spooled = self._spool.lines
+            self._counts += DeliveryCounts(dropped=self._spool.dropped_lines - dropped_before)
+            if lines:
+                self._spool_error = None
+        if lines:
+            log.debug("lines spooled", lines=len(lines), spooled=self._spool.lines)
 
     def _bound_memory(self) -> None:
         """Without a usable spool, keep the newest lines and count the oldest as dropped."""
@@ -269,8 +351,9 @@ class Writer:
             excess = len(self._queue) - cap
             for _ in range(max(0, excess)):
                 self._queue.popleft()
+            if excess > 0:
+                self._counts += DeliveryCounts(dropped=excess)
         if excess > 0:
-            self._dropped += excess
             log.error("memory queue full, oldest lines dropped", dropped=excess)
 
     def _has_spooled(self) -> bool:
@@ -291,22 +374,32 @@ class Writer:
         except SpoolError as exc:
             self._spool_failed(exc)
             return
-        self._spool_error = None
+        with self._cond:
+            self._spool_error = None
+            self._spooled = self._spool.lines
         if self._spool.lines:
             self._spooling = True
             log.info("spool holds lines from before", lines=self._spool.lines)
 
     def _spool_failed(self, exc: SpoolError) -> None:
         """An append that failed left the spool consistent: keep it, try again later."""
-        self._spool_error = str(exc)
+        with self._cond:
+            self._spool_error = str(exc)
         self._spool_retry_at = time.monotonic() + SPOOL_RETRY_S
         log.error("spool unusable, holding lines in memory", error=str(exc))
 
     def _finish(self) -> None:
-        """On stop: a last try to send the memory queue, then spool whatever is left."""
+        """On stop: the write in flight and a last try of the queue, then spool the rest."""
         assert self._stop_by is not None
-        while self._queue and not self._spooling and time.monotonic() < self._stop_by:
-            self._send_from_queue()
+        while time.monotonic() < self._stop_by and (self._attempt or self._direct_work()):
+            with self._cond:
+                if self._attempt is not None and not self._attempt.finished:
+                    self._cond.wait(max(0.0, self._stop_by - time.monotonic()))
+            if self._attempt is not None and self._attempt.finished:
+                self._settle(self._attempt)
+            if self._attempt is None and self._direct_work():
+                self._start_attempt()
+        self._abandon_attempt()
         self._spooling = True
         self._spool_retry_at = 0.0
         self._queue_to_spool()
@@ -316,10 +409,37 @@ class Writer:
             self._spool.close()
         self._sender.close()
 
+    def _direct_work(self) -> bool:
+        """Lines a last write at stop may still send from memory."""
+        return bool(self._queue) and not self._spooling and self._retry.state is Delivery.OK
 
-def _retry_delay(failures: int, error: WriteError) -> float:
-    """Capped exponential backoff with full jitter; the server's Retry-After wins."""
-    if error.retry_after is not None:
-        return min(error.retry_after, RETRY_AFTER_CAP_S)
-    ceiling = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** (failures - 1))
-    return random.uniform(ceiling / 2, ceiling)
+    def _abandon_attempt(self) -> None:
+        """A write still running at the stop deadline: its memory lines go back to the queue,
+        to be spooled; if it lands after all, the re-send is harmless."""
+        attempt, self._attempt = self._attempt, None
+        if attempt is None or attempt.spooled is not None:
+            return
+        with self._cond:
+            self._queue.extendleft(reversed(attempt.lines))
+            self._in_flight = 0
+
+
+def _send_splitting(sender: Sender, lines: list[str], attempt: _Attempt) -> WriteError | None:
+    """One attempt, halving on 413; the error that must make the whole batch wait, or None."""
+    try:
+        sender.send(lines)
+    except WriteError as error:
+        if error.outcome is Outcome.SPLIT and len(lines) > 1:
+            half = len(lines) // 2
+            return _send_splitting(sender, lines[:half], attempt) or _send_splitting(
+                sender, lines[half:], attempt
+            )
+        if error.outcome is Outcome.SPLIT:
+            error.rejected = (RejectedLine(lines[0], error.reason),)
+        elif error.outcome is not Outcome.REJECTED:
+            return error
+        attempt.rejections.append(error)
+        attempt.written += len(lines) - len(error.rejected)
+        return None
+    attempt.written += len(lines)
+    return None
