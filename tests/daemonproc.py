@@ -1,7 +1,10 @@
-"""Run the real ``vmtelemetryd`` command as a child process, the way systemd would.
+"""Run the real ``vmtelemetryd`` command as a child process, the way systemd would,
+and read back what it wrote: from the lab database and from libvirt directly.
 
 Each run gets its own ``HOST_TAG`` so that its points can be told apart from
-every other test's in the one lab database.
+every other test's in the one lab database. No ``DOMAINS_INCLUDE``: the lab's
+libvirtd holds only lab guests, and the unfiltered bulk request is the one
+every user runs.
 """
 
 from __future__ import annotations
@@ -13,18 +16,59 @@ import subprocess
 import sys
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import labkit
+import libvirt
+
 COMMAND = [sys.executable, "-m", "vmtelemetryd"]
+# Every variable of DESIGN.md's configuration table, in its order.
+DESIGN_VARIABLES = (
+    "LIBVIRT_URI",
+    "INFLUX_URL",
+    "INFLUX_DB",
+    "INFLUX_TOKEN",
+    "INFLUX_WRITE_API",
+    "INFLUX_TOKEN_FILE",
+    "POLL_INTERVAL",
+    "BATCH_MAX_LINES",
+    "BATCH_MAX_SEC",
+    "DEVICE_CACHE_TTL",
+    "METADATA_TAGS",
+    "STATS_SHARDS",
+    "LIBVIRT_TIMEOUT",
+    "SPOOL_DIR",
+    "SPOOL_MAX_BYTES",
+    "DOMAINS_INCLUDE",
+    "DOMAINS_EXCLUDE",
+    "FEATURE_WINDOW",
+    "HOST_TAG",
+    "LOG_LEVEL",
+)
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment without anything that would configure the daemon."""
+    ours = {*DESIGN_VARIABLES, "CREDENTIALS_DIRECTORY", "RUNTIME_DIRECTORY"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ours and not k.startswith(("INFLUX_", "LIBVIRT_"))
+    }
+    env.pop("NOTIFY_SOCKET", None)
+    return env
 
 
 def lab_environment(lab: Any, workdir: Path, **overrides: object) -> dict[str, str]:
-    """The daemon's configuration for one test: the lab's URIs, a private spool and status."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INFLUX_", "LIBVIRT_"))}
-    env.pop("NOTIFY_SOCKET", None)
+    """The daemon's configuration for one test: the lab's URIs, a private spool and status.
+
+    An override of None leaves that variable unset.
+    """
+    env = clean_environment()
     env.update(
         LIBVIRT_URI=lab.libvirt_uri,
         INFLUX_URL=lab.influx_url,
@@ -32,14 +76,15 @@ def lab_environment(lab: Any, workdir: Path, **overrides: object) -> dict[str, s
         INFLUX_TOKEN=lab.influx_token,
         INFLUX_WRITE_API=lab.write_api,
         HOST_TAG=f"test-{uuid.uuid4().hex[:10]}",
-        DOMAINS_INCLUDE=f"{lab.prefix}*",
         SPOOL_DIR=str(workdir / "spool"),
         RUNTIME_DIRECTORY=str(workdir / "run"),
         POLL_INTERVAL="0.5",
         BATCH_MAX_SEC="0.5",
         LOG_LEVEL="info",
     )
-    env.update({k: str(v) for k, v in overrides.items()})
+    env.update({k: str(v) for k, v in overrides.items() if v is not None})
+    for name in [k for k, v in overrides.items() if v is None]:
+        env.pop(name, None)
     (workdir / "run").mkdir(parents=True, exist_ok=True)
     return env
 
@@ -64,6 +109,7 @@ class DaemonProcess:
 
     env: dict[str, str]
     workdir: Path
+    config: Path | None = None  # --config: a file a reload re-reads (the environment wins)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
@@ -77,9 +123,15 @@ class DaemonProcess:
     def start(self) -> DaemonProcess:
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                [*COMMAND, "run"], env=self.env, stdout=out, stderr=subprocess.STDOUT
+                [*COMMAND, *self.config_args(), "run"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         return self
+
+    def config_args(self) -> list[str]:
+        return ["--config", str(self.config)] if self.config is not None else []
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, as systemctl stop sends it; returns the exit status."""
@@ -119,3 +171,49 @@ class DaemonProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def series_of(
+    host: str, measurement_field: str, vm: str | None = None, **labels: str
+) -> list[tuple[int, float]]:
+    """(ms, value) pairs the lab database holds for one daemon run (one guest's, given ``vm``)."""
+    if vm is not None:
+        labels = {"vm": vm, **labels}
+    selector = ",".join(
+        [f'__name__="{measurement_field}"', f'host="{_q(host)}"']
+        + [f'{k}="{_q(v)}"' for k, v in labels.items()]
+    )
+    rows = labkit.query("{" + selector + "}")
+    pairs = [(t, v) for row in rows for t, v in zip(row["timestamps"], row["values"], strict=True)]
+    return sorted(pairs)
+
+
+def stored_vms(host: str) -> set[str]:
+    """The guests any ``vm_*`` point of one daemon run names."""
+    rows = labkit.query(f'{{__name__=~"vm_.+",host="{_q(host)}"}}')
+    return {row["metric"]["vm"] for row in rows}
+
+
+def _q(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def libvirt_devices(uri: str, name: str) -> list[tuple[str, str]]:
+    """(kind, target) of every NIC and disk, from the domain's own XML."""
+    conn = libvirt.openReadOnly(uri)
+    try:
+        root = ET.fromstring(conn.lookupByName(name).XMLDesc())
+    finally:
+        conn.close()
+    nics = [("nic", t.get("dev", "")) for t in root.findall("./devices/interface/target")]
+    disks = [("disk", t.get("dev", "")) for t in root.findall("./devices/disk/target")]
+    return sorted(nics + disks)
+
+
+def active_domains(uri: str) -> set[str]:
+    """The names of the running and paused domains libvirt has now."""
+    conn = libvirt.openReadOnly(uri)
+    try:
+        return {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+    finally:
+        conn.close()
