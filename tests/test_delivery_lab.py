@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
 
 import labkit
 import pytest
-from daemonproc import DaemonProcess, lab_environment, missing_ticks
+from daemonproc import DaemonProcess, lab_environment
 
 pytestmark = pytest.mark.lab
 
 INTERVAL_S = 0.5
 BATCH_S = 0.5
+SLACK_MS = 300  # a sample is stamped before its bulk call; scheduling on a loaded box
 
 
 def sample_times(host: str, vm: str) -> list[int]:
@@ -37,61 +39,50 @@ def database_restored() -> Any:
         labkit.start_database()
 
 
-def test_a_minute_long_outage_loses_no_sample(
-    lab: Any, tmp_path: Path, database_restored: None
+@pytest.mark.parametrize(("down_s", "kill_after_s"), [(45, 14), (20, 10)])
+def test_an_outage_then_a_sigkill_leaves_one_hole_no_longer_than_the_daemon_was_gone(
+    lab: Any, tmp_path: Path, database_restored: None, down_s: float, kill_after_s: float
 ) -> None:
-    guest = lab.busy_guests[0]
-    run = daemon(lab, tmp_path).start()
-    try:
-        run.wait_for(lambda s: s["written"] > 0, 30, "a first write")
-        labkit.stop_database()
-        time.sleep(60)
-        during = run.status()
-        labkit.start_database()
-        after = run.wait_for(
-            lambda s: s["spooled"] == 0 and s["written"] > during["written"],
-            120,
-            "the spool drained",
-        )
-        time.sleep(2)
-    finally:
-        assert run.stop() == 0, run.output()
-    assert during["spooled"] > 0 and during["write_errors"] > 0, (during, run.output())
-    times = sample_times(run.host, guest)
-    assert len(times) == len(set(times)), "a sample was stored twice"
-    overruns = run.status()["overruns"]
-    missing = missing_ticks(times, INTERVAL_S)
-    assert len(missing) <= overruns, (missing, overruns)
-    assert len(times) >= 60 / INTERVAL_S, len(times)
-    assert after["dropped"] == 0
-
-
-def test_sigkill_loses_at_most_one_batch_and_the_spool_survives(
-    lab: Any, tmp_path: Path, database_restored: None
-) -> None:
+    """DESIGN.md: points flow within ~10 s of the database's return, and a crash loses at
+    most one batch, also in the middle of draining an outage."""
     guest = lab.busy_guests[0]
     first = daemon(lab, tmp_path).start()
     first.wait_for(lambda s: s["written"] > 0, 30, "a first write")
     labkit.stop_database()
-    first.wait_for(lambda s: s["spooled"] > 20, 30, "lines in the spool")
+    went_ms = time.time() * 1000
+    time.sleep(down_s)
+    during = first.status()
+    labkit.start_database()
+    back = time.time()
+    landing_s = None
+    while landing_s is None and time.time() < back + kill_after_s:
+        if any(went_ms < t < back * 1000 for t in sample_times(first.host, guest)):
+            landing_s = time.time() - back
+        time.sleep(0.25)
+    time.sleep(max(0.0, back + kill_after_s - time.time()))
+    overruns = first.status()["overruns"]
     first.kill()
     killed_ms = time.time() * 1000
-    labkit.start_database()
-    time.sleep(3)
-    second = DaemonProcess(first.env, tmp_path)
-    second.start()
-    restarted_ms = time.time() * 1000
+    second = DaemonProcess(first.env, tmp_path).start()
     try:
-        second.wait_for(lambda s: s["spooled"] == 0 and s["written"] > 0, 60, "the spool drained")
+        drained = second.wait_for(
+            lambda s: s["spooled"] == 0 and s["written"] > 0, 90, "the spool drained"
+        )
         time.sleep(2)
     finally:
         assert second.stop() == 0, second.output()
+    assert during["spooled"] > 0 and during["delivery"] == "retrying", during
+    assert landing_s is not None and landing_s <= 12, f"outage samples landed after {landing_s}"
     times = sample_times(first.host, guest)
-    before = [t for t in times if t < killed_ms]
-    assert missing_ticks(before, INTERVAL_S) == [], "a sample spooled before the kill is missing"
-    lost_ms = killed_ms - before[-1]
-    assert lost_ms <= (BATCH_S + 2 * INTERVAL_S) * 1000, f"{lost_ms:.0f} ms lost before the kill"
-    assert any(t > restarted_ms for t in times), "nothing written after the restart"
+    assert len(times) == len(set(times)), "a sample was stored twice"
+    holes = [(a, b) for a, b in itertools.pairwise(times) if b - a > 1.5 * INTERVAL_S * 1000]
+    at_kill = [hole for hole in holes if hole[0] <= killed_ms <= hole[1]]
+    others = [hole for hole in holes if hole not in at_kill]
+    assert len(at_kill) == 1, (holes, killed_ms)
+    assert len(others) <= overruns + drained["overruns"], (others, overruns)
+    ((before, _),) = at_kill
+    lost_ms = killed_ms - before
+    assert lost_ms <= (BATCH_S + INTERVAL_S) * 1000 + SLACK_MS, f"{lost_ms:.0f} ms lost at the kill"
 
 
 def test_steady_state_writes_nothing_to_the_spool(lab: Any, tmp_path: Path) -> None:
@@ -105,4 +96,4 @@ def test_steady_state_writes_nothing_to_the_spool(lab: Any, tmp_path: Path) -> N
     assert status["write_errors"] == 0 and status["spooled"] == 0
     spool = tmp_path / "spool"
     assert not spool.exists() or list(spool.iterdir()) == [], list(spool.iterdir())
-    assert not (tmp_path / "dead-letters.jsonl").exists()
+    assert not (spool / "dead-letters.jsonl").exists()
