@@ -4,6 +4,10 @@
 * writer, memory path: lines submitted to a ``Writer`` until all are written;
 * writer, spool drain: a spool filled beforehand, drained by a new ``Writer``.
 
+Then the bytes on the wire: the same batches sent to the FAKE InfluxDB 3
+endpoint of the tests, which counts each request body as received, beside
+the size of the uncompressed body (gzip above 1 KiB, DESIGN.md "Delivery").
+
 Lines are the daemon's own: encoded samples of synthetic VMs, each run with
 its own host tag. Needs the lab (``tests/lab/lab up``).
 """
@@ -17,11 +21,14 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "lab"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import labkit
+from fakeinflux import DATABASE, TOKEN, FakeInflux3, serve
 
 from vmtelemetryd.features import Features
 from vmtelemetryd.lineprotocol import encode
+from vmtelemetryd.logs import configure_logging
 from vmtelemetryd.model import DeviceSample, Sample, VmSample
 from vmtelemetryd.sender import Sender
 from vmtelemetryd.spool import Spool
@@ -78,14 +85,29 @@ def writer_rate(lab: labkit.LabInfo, spool_dir: Path, prefill: bool) -> float:
     if not prefill:
         for i in range(0, len(lines), 6000):
             writer.submit(lines[i : i + 6000])
-    while writer.status().written < len(lines):
+    while writer.status().counts.written < len(lines):
         time.sleep(0.01)
     elapsed = time.perf_counter() - started
     writer.stop(10)
     return len(lines) / elapsed
 
 
+def wire_bytes(batch: int) -> tuple[int, int]:
+    """(uncompressed body bytes, bytes received) for ``LINES`` lines in ``batch``-line requests."""
+    lines = daemon_lines(f"bench-{uuid.uuid4().hex[:8]}", LINES)
+    fake = FakeInflux3()
+    with serve(fake) as url:
+        sender = Sender(url, DATABASE, TOKEN, "v3")
+        for i in range(0, len(lines), batch):
+            sender.send(lines[i : i + batch])
+        sender.close()
+    assert len(fake.accepted) == len(lines)
+    raw = sum(len("\n".join(lines[i : i + batch]).encode()) for i in range(0, len(lines), batch))
+    return raw, sum(fake.wire_bytes)
+
+
 def main() -> None:
+    configure_logging("warning")
     lab = labkit.info()
     with tempfile.TemporaryDirectory(dir="/var/tmp") as scratch:
         rows = [
@@ -97,6 +119,10 @@ def main() -> None:
     for name, rate in rows:
         print(f"{name:<28}{rate:>12,.0f} lines/s")
     print("at 1 Hz x 1000 VMs the daemon produces about 6,000 lines/s")
+    print(f"bytes on the wire for the same {LINES} lines (FAKE endpoint counts what it receives)")
+    for batch in (BATCH, 100, 10):
+        raw, wire = wire_bytes(batch)
+        print(f"{batch:>5}-line batches: body {raw:>12,} B, wire {wire:>12,} B, {raw / wire:5.1f}x")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from influxdb_client_3 import InfluxDBClient3, WriteOptions, WriteType, write_cl
 from influxdb_client_3.exceptions import InfluxDBError, InfluxDBPartialWriteError
 
 WRITE_TIMEOUT_S = 10.0
-# DESIGN.md: bodies above 1 KiB go gzip-compressed. Line protocol compresses
-# about tenfold (bench/bench_write.py), and a hypervisor's uplink is its guests'.
+# DESIGN.md: bodies above 1 KiB go gzip-compressed. The daemon's lines shrink
+# 13-16x in 100- to 2000-line batches (bench/bench_write.py), and a
+# hypervisor's uplink is its guests'.
 GZIP_ABOVE_BYTES = 1024
 
 
