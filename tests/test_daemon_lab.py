@@ -7,7 +7,8 @@ import re
 import signal
 import statistics
 import time
-import xml.etree.ElementTree as ET
+import uuid
+from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,25 +16,23 @@ from typing import Any
 import labkit
 import libvirt
 import pytest
-from daemonproc import DaemonProcess, lab_environment, missing_ticks, run_verb
+from daemonproc import (
+    DaemonProcess,
+    lab_environment,
+    libvirt_devices,
+    missing_ticks,
+    run_verb,
+    series_of,
+)
 from lineparse import Line, parse_lines
 
 pytestmark = pytest.mark.lab
 
 MARGIN_MS = 250
 MEASUREMENTS = {"vm_metrics", "vm_devices", "vm_totals", "vm_features"}
-
-
-def libvirt_devices(uri: str, name: str) -> list[tuple[str, str]]:
-    """(kind, target) of every NIC and disk, from the domain's own XML."""
-    conn = libvirt.openReadOnly(uri)
-    try:
-        root = ET.fromstring(conn.lookupByName(name).XMLDesc())
-    finally:
-        conn.close()
-    nics = [("nic", t.get("dev", "")) for t in root.findall("./devices/interface/target")]
-    disks = [("disk", t.get("dev", "")) for t in root.findall("./devices/disk/target")]
-    return sorted(nics + disks)
+OWN = "vmtelemetryd"
+# Longest a line may wait before the database has it: a batch, a poll, a request, a busy host.
+DELIVERY_SLACK_MS = 4000
 
 
 def libvirt_stats(uri: str, names: Iterable[str]) -> tuple[float, dict[str, dict[str, Any]]]:
@@ -47,21 +46,6 @@ def libvirt_stats(uri: str, names: Iterable[str]) -> tuple[float, dict[str, dict
     finally:
         conn.close()
     return taken_ms, {dom.name(): stats for dom, stats in pairs}
-
-
-def series_of(host: str, measurement_field: str, vm: str, **labels: str) -> list[tuple[int, float]]:
-    """(ms, value) pairs the lab database holds for one daemon run."""
-    selector = ",".join(
-        [f'__name__="{measurement_field}"', f'host="{host}"', f'vm="{_q(vm)}"']
-        + [f'{k}="{_q(v)}"' for k, v in labels.items()]
-    )
-    rows = labkit.query("{" + selector + "}")
-    pairs = [(t, v) for row in rows for t, v in zip(row["timestamps"], row["values"], strict=True)]
-    return sorted(pairs)
-
-
-def _q(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def test_once_prints_all_four_measurements_for_every_lab_guest(lab: Any, tmp_path: Path) -> None:
@@ -250,3 +234,93 @@ def test_reloads_keep_the_poll_grid(lab: Any, tmp_path: Path) -> None:
         assert daemon.stop() == 0, daemon.output()
     times = series_of(daemon.host, "vm_metrics_state", lab.busy_guests[0])
     assert len(missing_ticks([t for t, _ in times], 1.0)) <= status["overruns"], times
+
+
+def libvirt_hostname(uri: str) -> str:
+    conn = libvirt.openReadOnly(uri)
+    try:
+        return str(conn.getHostname())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("host_tag", ["", None], ids=["empty", "unset"])
+def test_without_host_tag_once_tags_points_with_libvirts_hostname(
+    lab: Any, tmp_path: Path, host_tag: str | None
+) -> None:
+    """HOST_TAG= (empty) and no HOST_TAG both mean libvirt's hostname, never an empty tag."""
+    result = run_verb(lab_environment(lab, tmp_path, HOST_TAG=host_tag), "once")
+    assert result.returncode == 0, result.stderr
+    points = parse_lines(result.stdout)
+    assert {p.tags["vm"] for p in points} >= set(lab.guests)
+    assert {p.tags["host"] for p in points} == {libvirt_hostname(lab.libvirt_uri)}
+
+
+def test_without_host_tag_run_writes_libvirts_hostname(lab: Any, tmp_path: Path) -> None:
+    """The same through run and the database. Other runs may share the hostname tag, so this
+    run's points are the ones of a guest only it has seen."""
+    name = f"{lab.prefix}hosttag-{uuid.uuid4().hex[:8]}"
+    labkit.create_guest(name)
+    try:
+        daemon = DaemonProcess(lab_environment(lab, tmp_path, HOST_TAG=None), tmp_path).start()
+        try:
+            daemon.wait_for(lambda s: s["written"] > 0, 30, "a first write")
+        finally:
+            assert daemon.stop() == 0, daemon.output()
+    finally:
+        labkit.destroy_guest(name)
+    rows = labkit.query(f'{{__name__=~"vm_.+",vm="{name}"}}')
+    assert any(row["metric"]["__name__"] == "vm_metrics_state" for row in rows), rows
+    assert {row["metric"]["host"] for row in rows} == {libvirt_hostname(lab.libvirt_uri)}
+
+
+def test_the_daemons_own_figures_reach_the_database(lab: Any, tmp_path: Path) -> None:
+    """DESIGN Health: the daemon's figures go to the database as the measurement
+    vmtelemetryd, and they agree with the points the same run stored."""
+    daemon = DaemonProcess(lab_environment(lab, tmp_path), tmp_path).start()
+    try:
+        daemon.wait_for(lambda s: s["written"] > 0, 30, "a first write")
+        time.sleep(10)
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    host = daemon.host
+    lines = _stored_lines(host)
+
+    # vms: the domains of that very sample, as its vm_metrics lines name them.
+    vms = series_of(host, f"{OWN}_vms")
+    assert len(vms) >= 15, vms
+    for t, count in vms:
+        names = {dict(tags)["vm"] for measurement, tags in lines[t] if measurement == "vm_metrics"}
+        assert set(lab.guests) <= names and all(n.startswith(lab.prefix) for n in names)
+        assert count == len(names), (t, names)
+
+    # points_written: lines the database had been sent before that sample, give or take
+    # the lines of the last few seconds, which may still have been on their way.
+    written = series_of(host, f"{OWN}_points_written")
+    assert [v for _, v in written] == sorted(v for _, v in written)
+    assert written[-1][1] > written[0][1]
+    for t, value in written:
+        older = sum(len(batch) for ts, batch in lines.items() if ts < t - DELIVERY_SLACK_MS)
+        before = sum(len(batch) for ts, batch in lines.items() if ts < t)
+        assert older <= value <= before, (t, older, value, before)
+    assert sum(len(b) for ts, b in lines.items() if ts < written[-1][0] - DELIVERY_SLACK_MS)
+
+    durations = [v for _, v in series_of(host, f"{OWN}_poll_duration_s")]
+    assert len(durations) >= len(vms) - 1 and all(0 < d < 30 for d in durations), durations
+    assert {v for _, v in series_of(host, f"{OWN}_points_dropped")} == {0}
+
+
+def _stored_lines(host: str) -> dict[int, set[tuple[str, frozenset[tuple[str, str]]]]]:
+    """The lines of one run the database holds, by millisecond: (measurement, tags) each.
+
+    victoria-metrics keeps a line as one series per field; a line is its tags at a time.
+    """
+    known = (*MEASUREMENTS, OWN)
+    lines: dict[int, set[tuple[str, frozenset[tuple[str, str]]]]] = defaultdict(set)
+    for row in labkit.query(f'{{host="{host}"}}'):
+        labels = dict(row["metric"])
+        name = labels.pop("__name__")
+        measurement = next(m for m in known if name.startswith(m + "_"))
+        for t in row["timestamps"]:
+            lines[t].add((measurement, frozenset(labels.items())))
+    return lines
