@@ -37,7 +37,7 @@ SPOOL_RETRY_S = 10.0
 HIGH_WATER_BATCHES = 10
 MEMORY_CAP_BATCHES = 100
 DEAD_LETTERS_FILE = "dead-letters.jsonl"
-REFUSED_HINT = "check INFLUX_TOKEN, INFLUX_DB and INFLUX_URL, then reload"
+REFUSED_HINT = "fix INFLUX_DB or INFLUX_URL and reload; a new token credential needs a restart"
 
 
 @dataclass(frozen=True, slots=True)
