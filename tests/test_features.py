@@ -66,6 +66,20 @@ def test_cpu_pct_needs_vcpus() -> None:
     assert "cpu_pct" not in fields_of(f, sample(1.0, vm({"cpu_time_ns": 10**9})))
 
 
+def test_cpu_steal_pct_is_vcpu_delay_over_elapsed_time_of_all_vcpus() -> None:
+    f = Features(5)
+    f.derive(sample(100.0, vm({"cpu_delay_ns": 7_000_000_000, "vcpus": 4})))
+    # 1e9 ns waited for a host CPU in 2 s by 4 vCPUs: 12.5 % of their time
+    later = fields_of(f, sample(102.0, vm({"cpu_delay_ns": 8_000_000_000, "vcpus": 4})))
+    assert later["cpu_steal_pct"] == 12.5 and "cpu_pct" not in later
+
+
+def test_cpu_steal_pct_has_no_value_across_a_counter_reset() -> None:
+    f = Features(5)
+    f.derive(sample(0.0, vm({"cpu_delay_ns": 5 * 10**9, "vcpus": 1})))
+    assert "cpu_steal_pct" not in fields_of(f, sample(1.0, vm({"cpu_delay_ns": 10**6, "vcpus": 1})))
+
+
 def test_first_sample_has_no_rates_but_has_mem_used_pct() -> None:
     f = Features(5)
     fields = fields_of(f, sample(0.0, vm({**cpu(10**9), **mem(8_000_000, 2_000_000)})))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from vmtelemetryd.model import DeviceKind, Sample, VmFeatures, VmSample
 
-PERCENT_FIELDS: tuple[str, ...] = ("cpu_pct", "mem_used_pct")
+PERCENT_FIELDS: tuple[str, ...] = ("cpu_pct", "cpu_steal_pct", "mem_used_pct")
 
 # (feature, device kind, per-device counter summed over the VM's devices of that kind)
 DEVICE_RATES: tuple[tuple[str, DeviceKind, str], ...] = (
@@ -121,9 +121,10 @@ def _values(current: VmSample, previous: VmSample | None, elapsed: float) -> dic
 
 def _rates(current: VmSample, previous: VmSample, elapsed: float) -> dict[str, float]:
     rates: dict[str, float] = {}
-    cpu = _cpu_pct(current.metrics, previous.metrics, elapsed)
-    if cpu is not None:
-        rates["cpu_pct"] = cpu
+    for name, counter in (("cpu_pct", "cpu_time_ns"), ("cpu_steal_pct", "cpu_delay_ns")):
+        share = _vcpu_share_pct(current.metrics, previous.metrics, counter, elapsed)
+        if share is not None:
+            rates[name] = share
     matched = {kind: _matched_devices(current, previous, kind) for kind in ("nic", "disk")}
     for name, kind, counter in DEVICE_RATES:
         pairs = matched[kind]
@@ -133,10 +134,13 @@ def _rates(current: VmSample, previous: VmSample, elapsed: float) -> dict[str, f
     return rates
 
 
-def _cpu_pct(current: Counters, previous: Counters, elapsed: float) -> float | None:
-    """CPU time used as a percent of the vCPUs the VM has now (100 = all busy)."""
+def _vcpu_share_pct(
+    current: Counters, previous: Counters, counter: str, elapsed: float
+) -> float | None:
+    """A nanosecond counter's growth as a percent of the vCPUs the VM has now: CPU time
+    used (cpu_pct, 100 = all busy) or time waited for a host CPU (cpu_steal_pct)."""
     vcpus = current.get("vcpus")
-    delta = _delta(current, previous, "cpu_time_ns")
+    delta = _delta(current, previous, counter)
     if delta is None or vcpus is None or vcpus <= 0:
         return None
     return delta / (elapsed * 1e9 * vcpus) * 100

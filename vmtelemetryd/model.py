@@ -21,6 +21,7 @@ VM_METRIC_FIELDS: tuple[str, ...] = (
     "cpu_time_ns",
     "cpu_user_ns",
     "cpu_system_ns",
+    "cpu_delay_ns",
     "vcpus",
     "mem_max_kib",
     "mem_current_kib",

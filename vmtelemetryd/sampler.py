@@ -95,6 +95,9 @@ class SamplerStuck(SamplerError):
 def parse_vm(name: str, uuid: str, instance: int, stats: Mapping[str, Any]) -> VmSample:
     """Turn one domain's libvirt stats dict into schema names; keep only what was reported."""
     metrics = {field: int(stats[key]) for key, field in VM_KEYS.items() if key in stats}
+    delay = _vcpu_delay_ns(stats)
+    if delay is not None:
+        metrics["cpu_delay_ns"] = delay
     devices: list[DeviceSample] = []
     counts: dict[DeviceKind, int] = {}
     for kind, prefix in GROUP_PREFIX.items():
@@ -111,6 +114,18 @@ def parse_vm(name: str, uuid: str, instance: int, stats: Mapping[str, Any]) -> V
         devices=tuple(devices),
         device_counts=counts,
     )
+
+
+def _vcpu_delay_ns(stats: Mapping[str, Any]) -> int | None:
+    """Sum of ``vcpu.N.delay``: ns a vCPU was runnable but waited for a host CPU.
+
+    None unless every vCPU that reports its run time also reports its delay:
+    a sum over fewer vCPUs than last time would look like a drop.
+    """
+    timed = [n for n in range(int(stats.get("vcpu.maximum", 0))) if f"vcpu.{n}.time" in stats]
+    if not timed or any(f"vcpu.{n}.delay" not in stats for n in timed):
+        return None
+    return sum(int(stats[f"vcpu.{n}.delay"]) for n in timed)
 
 
 def _parse_devices(
