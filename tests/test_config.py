@@ -409,3 +409,16 @@ def test_wants_domain(
         domains_exclude=exclude,
     )
     assert config.wants_domain(name) is wanted
+
+
+def test_verbs_that_never_write_need_no_database_configured(tmp_path: Path) -> None:
+    path = write_env(tmp_path, "POLL_INTERVAL=2\n")
+    config = load_config(path, {}, database=False)
+    assert (config.influx_url, config.influx_db, config.influx_token.reveal()) == ("", "", "")
+    assert config.poll_interval == 2.0
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, {})
+    assert set(raised.value.problems) == {"INFLUX_URL", "INFLUX_DB", "INFLUX_TOKEN"}
+    with pytest.raises(ConfigError) as raised:
+        load_config(write_env(tmp_path, "POLL_INTERVAL=soon\n"), {}, database=False)
+    assert set(raised.value.problems) == {"POLL_INTERVAL"}

@@ -16,7 +16,7 @@ from vmtelemetryd.features import Features
 from vmtelemetryd.health import Health, default_status_path, read_status
 from vmtelemetryd.lineprotocol import encode
 from vmtelemetryd.logs import configure_logging, is_journal, set_redacted
-from vmtelemetryd.model import Sample
+from vmtelemetryd.model import Sample, state_name
 from vmtelemetryd.sampler import SamplerError
 
 EX_OK = 0
@@ -24,6 +24,7 @@ EX_FAILURE = 1
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 RUN_STATUS_PATH = Path("/run/vmtelemetryd/status.json")
+LOCAL_VERBS = ("once", "vms")  # they never write to the database, and need none configured
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = Path(args.config) if args.config else None
     configure_logging("info")  # warnings about unknown variables, while loading
     try:
-        config = load_config(path, os.environ)
+        config = load_config(path, os.environ, database=args.verb not in LOCAL_VERBS)
     except ConfigError as exc:
         # <3>: journald files each line at priority err (sd-daemon(3)), as the logger does.
         prefix = "<3>" if is_journal(sys.stderr) else ""
@@ -121,7 +122,7 @@ def _vms(config: Config) -> int:
         return EX_UNAVAILABLE
     sample = samples[0]
     for vm in sorted(sample.vms, key=lambda v: v.name):
-        print(f"{vm.name}  {vm.uuid}  state={vm.metrics.get('state', '?')}")
+        print(f"{vm.name}  {vm.uuid}  {state_name(vm.metrics.get('state'))}")
         for device in vm.devices:
             print(f"    {device.kind:<4} {device.name}")
     print(f"{len(sample.vms)} VMs on {sample.host}")
@@ -135,12 +136,31 @@ def _status(as_json: bool) -> int:
     except (OSError, ValueError) as exc:
         print(f"vmtelemetryd: no status at {path}: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
+    if not _alive(report.get("pid")):
+        # Run by hand, a daemon leaves its last status behind; systemd removes it.
+        print(
+            f"vmtelemetryd: not running: {path} is from pid {report.get('pid')}, which has exited",
+            file=sys.stderr,
+        )
+        return EX_UNAVAILABLE
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return EX_OK
     for key in sorted(report):
         print(f"{key}: {_human(key, report[key])}")
     return EX_OK
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def _human(key: str, value: object) -> str:

@@ -257,17 +257,20 @@ _KNOWN: frozenset[str] = frozenset({v.name for v in _VARIABLES} | {"INFLUX_TOKEN
 _PREFIXES: tuple[str, ...] = tuple({name.split("_")[0] + "_" for name in _KNOWN})
 
 
-def load_config(path: Path | None, environ: Mapping[str, str]) -> Config:
+def load_config(path: Path | None, environ: Mapping[str, str], *, database: bool = True) -> Config:
     """The configuration from the dotenv file at ``path`` and ``environ``, which wins.
 
     ``path=None`` reads ``DEFAULT_PATH`` if it exists; a given path must exist.
+    ``database=False`` is for the verbs that never write (once, vms, top): the
+    database's variables need not be set, and are empty when they are not.
     Raises ConfigError listing every problem found.
     """
     file_values, source = _read_file(path)
     _warn_unknown(file_values, str(source), only_typos=False)
     _warn_unknown(environ, "the environment", only_typos=True)
     set_in_file = {name: value for name, value in file_values.items() if value is not None}
-    return Config(**_parse({**set_in_file, **environ}, environ), source=source)
+    values = _parse({**set_in_file, **environ}, environ, database=database)
+    return Config(**values, source=source)
 
 
 def _read_file(path: Path | None) -> tuple[dict[str, str | None], Path | None]:
@@ -307,7 +310,9 @@ def _warn_unknown(names: Iterable[str], where: str, *, only_typos: bool) -> None
         _log.warning("%s in %s is not a vmtelemetryd variable, ignored%s", name, where, hint)
 
 
-def _parse(settings: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, Any]:
+def _parse(
+    settings: Mapping[str, str], environ: Mapping[str, str], *, database: bool
+) -> dict[str, Any]:
     """Config's keyword arguments for the variables that are set; unset ones keep the default."""
     values: dict[str, Any] = {}
     problems: dict[str, str] = {}
@@ -318,12 +323,15 @@ def _parse(settings: Mapping[str, str], environ: Mapping[str, str]) -> dict[str,
                 values[variable.attribute] = _token(settings, environ)
             elif raw is not None:
                 values[variable.attribute] = variable.parse(raw.strip())
-            elif variable.required:
+            elif variable.required and database:
                 problems[variable.name] = "required, not set"
         except _Invalid as invalid:
             problems[variable.name] = str(invalid)
         except ConfigError as error:
-            problems.update(error.problems)
+            if database:
+                problems.update(error.problems)
+    if not database:
+        values = {"influx_url": "", "influx_db": "", "influx_token": Secret(""), **values}
     if problems:
         raise ConfigError(problems)
     return values

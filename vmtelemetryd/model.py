@@ -59,6 +59,26 @@ DISK_FIELDS: tuple[str, ...] = (
     "allocation_bytes",
 )
 
+# libvirt's virDomainState: vm_metrics keeps the number, people read the name.
+STATE_NAMES: Mapping[int, str] = {
+    0: "nostate",
+    1: "running",
+    2: "blocked",
+    3: "paused",
+    4: "shutdown",  # being shut down
+    5: "shutoff",
+    6: "crashed",
+    7: "pmsuspended",
+}
+
+
+def state_name(state: int | None) -> str:
+    """``running``, ``paused``, ...; ``-`` when libvirt did not say."""
+    if state is None:
+        return "-"
+    return STATE_NAMES.get(state, f"state{state}")
+
+
 DEVICE_FIELDS: Mapping[DeviceKind, tuple[str, ...]] = {"nic": NIC_FIELDS, "disk": DISK_FIELDS}
 TOTAL_PREFIX: Mapping[DeviceKind, str] = {"nic": "net_", "disk": "disk_"}
 
