@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -18,13 +19,15 @@ from vmtelemetryd.lineprotocol import encode
 from vmtelemetryd.logs import configure_logging, is_journal, set_redacted
 from vmtelemetryd.model import Sample, state_name
 from vmtelemetryd.sampler import SamplerError
+from vmtelemetryd.top import run_top
+from vmtelemetryd.topview import SORTS
 
 EX_OK = 0
 EX_FAILURE = 1
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 RUN_STATUS_PATH = Path("/run/vmtelemetryd/status.json")
-LOCAL_VERBS = ("once", "vms")  # they never write to the database, and need none configured
+LOCAL_VERBS = ("once", "vms", "top")  # they never write to the database, and need none configured
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": lambda: _check_config(config),
         "show-config": lambda: _show_config(config),
         "vms": lambda: _vms(config),
+        "top": lambda: run_top(config, args.interval or config.poll_interval, args.sort),
     }
     return verbs[args.verb]()
 
@@ -69,10 +73,25 @@ def _parser() -> argparse.ArgumentParser:
     verbs.add_parser("check-config", help="validate the configuration: exit 0 or 78")
     verbs.add_parser("show-config", help="the effective configuration, secrets masked")
     verbs.add_parser("vms", help="the VMs being monitored, with their devices")
+    top = verbs.add_parser("top", help="a live view of every VM, like virt-top")
+    top.add_argument(
+        "--interval", type=_positive_seconds, metavar="S", help="refresh (default POLL_INTERVAL)"
+    )
+    top.add_argument("--sort", choices=SORTS, default="cpu", help="initial sort (s cycles)")
     status = verbs.add_parser("status", help="what the running daemon reports")
     status.add_argument("--json", action="store_true", help="the raw status document")
     parser.set_defaults(verb="run", json=False)
     return parser
+
+
+def _positive_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {raw!r}")
+    return value
 
 
 def _once(config: Config) -> int:
