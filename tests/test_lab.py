@@ -9,6 +9,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ def test_busy_guest_counters_grow_and_balloon_reports_memory(lab: labkit.LabInfo
             # libvirt reports a type='ethernet' NIC from the guest's side: tx = what it sent
             "net sent": now["net.0.tx.pkts"] > first["net.0.tx.pkts"],
             "net bytes": now["net.0.tx.bytes"] > first["net.0.tx.bytes"],
+            "net received": now["net.0.rx.bytes"] > first["net.0.rx.bytes"],
         }
 
     deadline = time.monotonic() + 30
@@ -101,6 +103,53 @@ def test_busy_guest_counters_grow_and_balloon_reports_memory(lab: labkit.LabInfo
     assert now["balloon.current"] == labkit.GUEST_MEMORY_MIB * 1024
     # the guest holds 32 MiB in a tmpfs: usable is well below available
     assert 0 < now["balloon.usable"] < now["balloon.available"] <= now["balloon.current"]
+
+
+def test_busy_guest_rates_are_steady_and_tell_directions_apart(lab: labkit.LabInfo) -> None:
+    """vda is only written, vdb only read, at 3:1; the NIC sends 3x what it gets:
+    tests of the daemon can then tell a swapped device or direction."""
+    busy = lab.busy_guests[0]
+    t0, first = time.monotonic(), all_domain_stats(lab.libvirt_uri, {busy})[busy]
+    time.sleep(5)
+    t1, now = time.monotonic(), all_domain_stats(lab.libvirt_uri, {busy})[busy]
+
+    def rate(get: Any) -> float:
+        return float(get(now) - get(first)) / (t1 - t0)
+
+    wr = rate(lambda s: disk(s, "vda")["wr.bytes"])
+    rd = rate(lambda s: disk(s, "vdb")["rd.bytes"])
+    tx, rx = rate(lambda s: s["net.0.tx.bytes"]), rate(lambda s: s["net.0.rx.bytes"])
+    assert rate(lambda s: disk(s, "vdb")["wr.bytes"]) == 0
+    assert rate(lambda s: disk(s, "vda")["rd.bytes"]) == 0
+    # the guest keeps up with its disks' <iotune> limits
+    assert wr == pytest.approx(labkit.BUSY_WRITE_BYTES_SEC, rel=0.2)
+    assert rd == pytest.approx(labkit.BUSY_READ_BYTES_SEC, rel=0.2)
+    assert rx > 0 and tx / rx == pytest.approx(3, rel=0.2), (tx, rx)
+
+
+def test_busy_guest_tap_routes_to_its_guest_alone(lab: labkit.LabInfo) -> None:
+    """The host answers the guest on the tap's own address; nothing else is
+    routed there, and the tap is on no bridge."""
+    busy = lab.busy_guests[0]
+    conn = libvirt.openReadOnly(lab.libvirt_uri)
+    try:
+        xml = conn.lookupByName(busy).XMLDesc(0)
+    finally:
+        conn.close()
+    tap = all_domain_stats(lab.libvirt_uri, {busy})[busy]["net.0.name"]
+    cmdline = ET.fromstring(xml).findtext("os/cmdline", "").split()
+    guest = dict(a.split("=", 1) for a in cmdline if a.startswith("vmtlab."))
+
+    def ip(*args: str) -> list[str]:
+        out = subprocess.run(["ip", *args], capture_output=True, text=True, check=True)
+        return [" ".join(line.split()) for line in out.stdout.splitlines()]
+
+    assert ip("-4", "route", "show", "dev", tap) == [
+        f"{guest['vmtlab.addr']} proto kernel scope link src {guest['vmtlab.peer']}"
+    ]
+    (addr,) = ip("-4", "-o", "addr", "show", "dev", tap)
+    assert f"inet {guest['vmtlab.peer']} peer {guest['vmtlab.addr']}/32 " in addr
+    assert not os.path.exists(f"/sys/class/net/{tap}/master")
 
 
 def write_v2(lab: labkit.LabInfo, body: str) -> int:
