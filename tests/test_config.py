@@ -334,6 +334,7 @@ def test_describe_follows_design_order_and_loads_back(tmp_path: Path) -> None:
         "DOMAINS_INCLUDE": "web-*,db-?",
         "HOST_TAG": "hv1",
         "POLL_INTERVAL": "0.5",
+        "METADATA_TAGS": "one_name, nova_project",
     }
     config = load(tmp_path, environ)
     pairs = describe(config)
@@ -347,6 +348,7 @@ def test_describe_follows_design_order_and_loads_back(tmp_path: Path) -> None:
         "BATCH_MAX_LINES",
         "BATCH_MAX_SEC",
         "DEVICE_CACHE_TTL",
+        "METADATA_TAGS",
         "LIBVIRT_TIMEOUT",
         "SPOOL_DIR",
         "SPOOL_MAX_BYTES",
@@ -422,3 +424,14 @@ def test_verbs_that_never_write_need_no_database_configured(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as raised:
         load_config(write_env(tmp_path, "POLL_INTERVAL=soon\n"), {}, database=False)
     assert set(raised.value.problems) == {"POLL_INTERVAL"}
+
+
+def test_metadata_tags_must_be_vm_info_keys(tmp_path: Path) -> None:
+    assert load(tmp_path, {**REQUIRED, "METADATA_TAGS": "one_name,title"}).metadata_tags == (
+        "one_name",
+        "title",
+    )
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, {**REQUIRED, "METADATA_TAGS": "one_name,owner,vm"})
+    assert raised.value.variable == "METADATA_TAGS"
+    assert "'owner,vm'" in str(raised.value) and "one_owner" in str(raised.value)

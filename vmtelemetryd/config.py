@@ -35,6 +35,8 @@ from urllib.parse import SplitResult, urlsplit
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
+from vmtelemetryd.metadata import METADATA_KEYS
+
 WriteApi = Literal["v2", "v3"]
 
 DEFAULT_PATH = Path("/etc/vmtelemetryd/vmtelemetryd.env")
@@ -95,6 +97,7 @@ class Config:
     batch_max_lines: int = 2000
     batch_max_sec: float = 1.0
     device_cache_ttl: float = 300.0
+    metadata_tags: tuple[str, ...] = ()
     libvirt_timeout: float = 30.0
     spool_dir: Path = Path("/var/lib/vmtelemetryd/spool")
     spool_max_bytes: int = 1073741824
@@ -213,6 +216,14 @@ def _globs(raw: str) -> tuple[str, ...]:
     return tuple(glob for item in raw.split(",") if (glob := item.strip()))
 
 
+def _metadata_tags(raw: str) -> tuple[str, ...]:
+    names = _globs(raw)
+    unknown = [name for name in names if name not in METADATA_KEYS]
+    if unknown:
+        raise _expected(f"vm_info keys among {', '.join(METADATA_KEYS)}", ",".join(unknown))
+    return names
+
+
 def _host_tag(raw: str) -> str | None:
     return raw or None
 
@@ -243,6 +254,7 @@ _VARIABLES: tuple[_Variable, ...] = (
     _Variable("BATCH_MAX_LINES", "batch_max_lines", _whole("lines", 1)),
     _Variable("BATCH_MAX_SEC", "batch_max_sec", _seconds(zero_ok=False)),
     _Variable("DEVICE_CACHE_TTL", "device_cache_ttl", _seconds(zero_ok=True)),
+    _Variable("METADATA_TAGS", "metadata_tags", _metadata_tags),
     _Variable("LIBVIRT_TIMEOUT", "libvirt_timeout", _seconds(zero_ok=False)),
     _Variable("SPOOL_DIR", "spool_dir", _spool_dir),
     _Variable("SPOOL_MAX_BYTES", "spool_max_bytes", _whole("bytes", 1)),

@@ -1,4 +1,4 @@
-r"""Line protocol for the four measurements of DESIGN.md "Schema".
+r"""Line protocol for the measurements of DESIGN.md "Schema".
 
 Escaping: what the parsers we write to actually do
 ---------------------------------------------------
@@ -41,7 +41,11 @@ an extra line, tag or field:
   read the separator after it as escaped. A VM called ``trailing\`` is thus
   written as ``trailing<U+FFFD>``: a visible mark, and every point of the VM
   still lands (the ``uuid`` tag identifies it exactly);
-* an empty tag value omits the tag, an empty field set omits the line.
+* an empty tag value omits the tag, an empty field set omits the line;
+* a tag value longer than ``MAX_TAG_CHARS`` characters (metadata is tenant
+  text: a VM's name in OpenNebula is its user's) is cut to that length, its
+  last character U+2026 (``…``): a series key stays bounded, and the cut
+  shows.
 
 With this, InfluxDB 3 and VictoriaMetrics read every other value back
 exactly. The Go parser reads a backslash written before ``\ , = space`` as
@@ -64,6 +68,7 @@ from collections.abc import Iterable, Mapping
 from vmtelemetryd.model import DEVICE_FIELDS, TOTAL_PREFIX, DeviceKind, Sample, VmFeatures, VmSample
 
 REPLACEMENT = "\ufffd"
+MAX_TAG_CHARS = 1024
 
 _I64_MIN = -(2**63)
 _I64_MAX = 2**63 - 1
@@ -81,33 +86,51 @@ _TOTAL_FIELDS: Mapping[DeviceKind, tuple[tuple[str, str], ...]] = {
 }
 
 
-def encode(sample: Sample, features: Mapping[str, VmFeatures]) -> list[str]:
-    """Lines of ``vm_metrics``, ``vm_devices``, ``vm_totals`` and ``vm_features``, VM by VM."""
+def encode(
+    sample: Sample,
+    features: Mapping[str, VmFeatures],
+    tags: Mapping[str, Mapping[str, str]] | None = None,
+) -> list[str]:
+    """Lines of ``vm_metrics``, ``vm_devices``, ``vm_totals`` and ``vm_features``, VM by VM.
+
+    ``tags`` adds, by uuid, tags to every point of that VM (METADATA_TAGS).
+    """
     host = escape_tag(sample.host)
     ts = sample.wall_ns
     lines: list[str] = []
     for vm in sample.vms:
-        uuid = escape_tag(vm.uuid)
-        name = escape_tag(vm.name)
+        pairs = _vm_pairs(host, vm.uuid, vm.name, (tags or {}).get(vm.uuid, {}))
         # Tag pairs are written in key order, as line protocol wants them sorted.
-        vm_tags = _tag_set((("host", host), ("uuid", uuid), ("vm", name)))
+        vm_tags = _tag_set(sorted(pairs))
         _append(lines, "vm_metrics" + vm_tags, _int_fields(vm.metrics), ts)
         for device in vm.devices:
-            device_tags = _tag_set(
-                (
-                    ("device", escape_tag(device.name)),
-                    ("host", host),
-                    ("kind", device.kind),
-                    ("uuid", uuid),
-                    ("vm", name),
-                )
-            )
+            device_pairs = [*pairs, ("device", escape_tag(device.name)), ("kind", device.kind)]
+            device_tags = _tag_set(sorted(device_pairs))
             _append(lines, "vm_devices" + device_tags, _int_fields(device.counters), ts)
         _append(lines, "vm_totals" + vm_tags, _int_fields(_totals(vm)), ts)
         derived = features.get(vm.uuid)
         if derived is not None:
             _append(lines, "vm_features" + vm_tags, _float_fields(derived.fields), ts)
     return lines
+
+
+def encode_info(sample: Sample, metadata: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """``vm_info`` lines, one per VM of ``sample`` whose uuid ``metadata`` holds."""
+    host = escape_tag(sample.host)
+    lines: list[str] = []
+    for vm in sample.vms:
+        keys = metadata.get(vm.uuid)
+        if keys is not None:
+            series = "vm_info" + _tag_set(sorted(_vm_pairs(host, vm.uuid, vm.name, keys)))
+            _append(lines, series, "info=1i", sample.wall_ns)
+    return lines
+
+
+def _vm_pairs(host: str, uuid: str, name: str, extra: Mapping[str, str]) -> list[tuple[str, str]]:
+    """A VM's escaped tag pairs, unsorted; ``extra`` keys are schema names (identifiers)."""
+    pairs = [("host", host), ("uuid", escape_tag(uuid)), ("vm", escape_tag(name))]
+    pairs.extend((key, escape_tag(value)) for key, value in extra.items())
+    return pairs
 
 
 def encode_line(
@@ -143,6 +166,8 @@ def escape_key(text: str) -> str:
 
 def escape_tag(text: str) -> str:
     """A tag value; "" stays "" and makes ``_tag_set`` leave the tag out."""
+    if len(text) > MAX_TAG_CHARS:
+        text = text[: MAX_TAG_CHARS - 1] + "\u2026"
     return _escape(text, _KEY_SPECIALS)
 
 

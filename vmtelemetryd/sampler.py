@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,7 +34,10 @@ STATS_GROUPS = (
 # without its monitor groups instead of stalling every other domain.
 STATS_FLAGS = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
 ACTIVE_ONLY = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+INACTIVE_ONLY = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_INACTIVE
 LIST_ACTIVE = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+LIST_INACTIVE = libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE
+STATE_ONLY = libvirt.VIR_DOMAIN_STATS_STATE
 
 VM_KEYS: Mapping[str, str] = {
     "state.state": "state",
@@ -197,8 +200,10 @@ class Sampler:
 
     Reconnects with capped exponential backoff; between attempts ``sample()``
     fails fast instead of waiting on a dead daemon. Name, uuid and id come
-    with the handle each bulk request returns, at no extra RPC, so no domain
-    metadata needs caching.
+    with the handle each bulk request returns, at no extra RPC. Defined
+    domains that do not run come from a second, state-only request: they
+    have no monitor to ask, and show as stopped rather than as gone.
+    ``on_connect`` is called with each new connection and its host (event registration).
     """
 
     def __init__(
@@ -209,8 +214,11 @@ class Sampler:
         wants_domain: Callable[[str], bool],
         filtered: bool,
         host_tag: str | None,
+        on_connect: Callable[[Any, str], None] | None = None,
     ) -> None:
         self._uri = uri
+        self._on_connect = on_connect
+        self._handles: dict[str, Any] = {}
         self._timeout = timeout
         self._wants_domain = wants_domain
         self._filtered = filtered
@@ -237,8 +245,25 @@ class Sampler:
         except libvirt.libvirtError as exc:
             self.close()
             raise SamplerError(f"libvirt stats request failed: {exc.get_error_message()}") from exc
+        self._handles = {dom.UUIDString(): dom for dom, _ in pairs}
         vms = tuple(parse_vm(dom.name(), dom.UUIDString(), dom.ID(), stats) for dom, stats in pairs)
         return Sample(host=self._host, wall_ns=wall_ns, monotonic=monotonic, vms=vms)
+
+    def domain_xml(self, uuids: Sequence[str]) -> dict[str, str]:
+        """The XML of these domains of the last sample, by uuid, in one timed call;
+        a domain gone meanwhile is left out."""
+        handles = [self._handles[uuid] for uuid in uuids if uuid in self._handles]
+        if not handles:
+            return {}
+
+        def read() -> dict[str, str]:
+            xml = {}
+            for dom in handles:
+                with contextlib.suppress(libvirt.libvirtError):
+                    xml[dom.UUIDString()] = dom.XMLDesc(0)
+            return xml
+
+        return self._caller.call(read, self._timeout, "domain XML")
 
     def close(self) -> None:
         """Forget the connection; the next ``sample()`` opens a new one."""
@@ -248,18 +273,21 @@ class Sampler:
                 self._caller.call(conn.close, self._timeout, "close")
 
     def _request(self, conn: Any) -> list[tuple[Any, dict[str, Any]]]:
+        """Running (and paused) domains with every group, then the others' state alone."""
         if not self._filtered:
-            result: list[tuple[Any, dict[str, Any]]] = conn.getAllDomainStats(
+            running: list[tuple[Any, dict[str, Any]]] = conn.getAllDomainStats(
                 STATS_GROUPS, ACTIVE_ONLY | STATS_FLAGS
             )
-            return result
-        domains = [d for d in conn.listAllDomains(LIST_ACTIVE) if self._wants_domain(d.name())]
-        if not domains:
-            return []
-        listed: list[tuple[Any, dict[str, Any]]] = conn.domainListGetStats(
-            domains, STATS_GROUPS, STATS_FLAGS
-        )
-        return listed
+            stopped: list[tuple[Any, dict[str, Any]]] = conn.getAllDomainStats(
+                STATE_ONLY, INACTIVE_ONLY
+            )
+            return running + stopped
+        pairs: list[tuple[Any, dict[str, Any]]] = []
+        for listing, groups in ((LIST_ACTIVE, STATS_GROUPS), (LIST_INACTIVE, STATE_ONLY)):
+            domains = [d for d in conn.listAllDomains(listing) if self._wants_domain(d.name())]
+            if domains:
+                pairs += conn.domainListGetStats(domains, groups, STATS_FLAGS)
+        return pairs
 
     def _connection(self) -> Any:
         if self._conn is not None:
@@ -273,6 +301,10 @@ class Sampler:
                 lambda: libvirt.openReadOnly(self._uri), self._timeout, "connect"
             )
             host = self._host_tag or self._caller.call(conn.getHostname, self._timeout, "hostname")
+            if self._on_connect is not None:
+                hook = self._on_connect
+                hostname = str(host)
+                self._caller.call(lambda: hook(conn, hostname), self._timeout, "event registration")
         except (SamplerError, libvirt.libvirtError) as exc:
             self._next_attempt = now + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_CAP_S)
