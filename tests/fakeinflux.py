@@ -107,8 +107,9 @@ class FakeInflux3:
 
 
 @contextmanager
-def serve(fake: FakeInflux3) -> Iterator[str]:
-    """Run the fake on a free loopback port; yields its URL."""
+def serve(fake: FakeInflux3, port: int = 0) -> Iterator[str]:
+    """Run the fake on loopback (a free port unless given: a database back where it was);
+    yields its URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -134,7 +135,7 @@ def serve(fake: FakeInflux3) -> Iterator[str]:
         def log_message(self, *_: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -33,8 +33,13 @@ BUSY_WRITE_BYTES_SEC = 96 * 1024
 BUSY_READ_BYTES_SEC = 32 * 1024
 
 
+def is_lab_guest(name: str) -> bool:
+    """The lab's own: named with its prefix, or created by it under another name."""
+    return name.startswith(prefix()) or registry(name).exists()
+
+
 def lab_domains() -> dict[str, str]:
-    return {n: s for n, s in list_domains().items() if n.startswith(prefix())}
+    return {n: s for n, s in list_domains().items() if is_lab_guest(n)}
 
 
 def _hash(name: str) -> str:
@@ -86,12 +91,19 @@ def domain_xml(
     console: Path | None = None,
     kernel: Path | None = None,
     initrd: Path | None = None,
+    title: str | None = None,
+    metadata: str | None = None,
 ) -> str:
     """The domain XML, built with ElementTree so that every name and path is
-    escaped as XML requires."""
+    escaped as XML requires. ``metadata``: the XML of ``<metadata>``'s children
+    (namespaced blocks, as OpenNebula and Nova write them)."""
     kind = "kvm" if (kvm_available() and not busy) else "qemu"
     dom = ET.Element("domain", type=kind)
     ET.SubElement(dom, "name").text = name
+    if title is not None:
+        ET.SubElement(dom, "title").text = title
+    if metadata is not None:
+        dom.append(ET.fromstring(f"<metadata>{metadata}</metadata>"))
     ET.SubElement(dom, "memory", unit="MiB").text = str(GUEST_MEMORY_MIB)
     ET.SubElement(dom, "currentMemory", unit="MiB").text = str(GUEST_MEMORY_MIB)
     ET.SubElement(dom, "vcpu").text = "1"
@@ -135,7 +147,9 @@ def domain_xml(
     if busy:
         # libvirt gives the host side of the tap the peer's address, with a
         # route to this guest alone (peer=): the host answers the guest, and
-        # nothing else on the machine is routed through the tap
+        # nothing else on the machine is routed through the tap. libvirt 9.0 adds
+        # the address again on `virsh resume` and fails ("Failed to add IP
+        # address"): never suspend the busy guest; event tests use a guest of their own.
         src = ET.SubElement(nic, "source")
         ET.SubElement(src, "ip", address=peer, prefix="32", peer=addr)
     ET.SubElement(devs, "controller", type="usb", model="none")
@@ -153,7 +167,12 @@ def registry(name: str) -> Path:
 
 
 def _guest_xml(
-    name: str, busy: bool, nic_dev: str, disks: Sequence[Path], console: Path | None
+    name: str,
+    busy: bool,
+    nic_dev: str,
+    disks: Sequence[Path],
+    console: Path | None,
+    **identity: str | None,
 ) -> str:
     kernel, initrd = ensure_tiny_linux() if busy else (None, None)
     return domain_xml(
@@ -164,6 +183,7 @@ def _guest_xml(
         console=console,
         kernel=kernel,
         initrd=initrd,
+        **identity,
     )
 
 
@@ -173,14 +193,25 @@ def create_guest(
     busy: bool = False,
     nic_dev: str | None = None,
     disk_paths: Sequence[str | os.PathLike[str]] | None = None,
+    title: str | None = None,
+    metadata: str | None = None,
+    start: bool = True,
+    named_freely: bool = False,
 ) -> str:
     """Create one transient lab guest: paused with no OS, or (busy=True) a
     running TCG tiny Linux. ``name`` must start with the lab prefix (so that
     ``down`` finds it) and may hold any other characters libvirt accepts.
     ``disk_paths``: two qcow2 paths (vda, vdb), created when missing and then
-    removed again by destroy_guest(). Returns the tap device name."""
-    if not name.startswith(prefix()):
+    removed again by destroy_guest(). ``title`` and ``metadata``: see
+    domain_xml(). ``start=False`` defines a persistent guest that is not
+    running (shut off). ``named_freely``: a name without the prefix (OpenNebula's
+    ``one-<ID>``), allowed only if no domain has it yet; the lab's registry then
+    marks it as the lab's, for destroy_guest() and ``down``. Returns the tap
+    device name."""
+    if not name.startswith(prefix()) and not named_freely:
         raise ValueError(f"lab guest names must start with {prefix()!r}: {name!r}")
+    if named_freely and not is_lab_guest(name) and _domain_exists(name):
+        raise LabError(f"a domain named {name!r} exists and is not the lab's")
     nic_dev = nic_dev or default_nic_dev(name)
     if not (0 < len(nic_dev.encode()) <= 15):
         raise ValueError(f"tap name {nic_dev!r} must be 1-15 bytes")
@@ -204,7 +235,7 @@ def create_guest(
             console.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 console.unlink()
-        xml = _guest_xml(name, busy, nic_dev, disks, console)
+        xml = _guest_xml(name, busy, nic_dev, disks, console, title=title, metadata=metadata)
         xml_path = lab_path("xml", f"{safe}.xml")
         write_atomic(xml_path, xml)
         write_atomic(
@@ -224,13 +255,13 @@ def create_guest(
             )
             + "\n",
         )
-        args = ["create", os.fspath(xml_path)]
-        if not busy:
+        args = ["create" if start else "define", os.fspath(xml_path)]
+        if start and not busy:
             args.append("--paused")
         cp = virsh(*args, check=False)
         if cp.returncode != 0:
             cleanup_guest_files(name)
-            raise LabError(f"virsh create {name!r} failed: {cp.stderr.strip()}")
+            raise LabError(f"virsh {args[0]} {name!r} failed: {cp.stderr.strip()}")
         return nic_dev
 
 
@@ -267,8 +298,8 @@ def _domain_exists(name: str) -> bool:
 def destroy_guest(name: str) -> None:
     """Destroy (and undefine, if persistent) one lab guest and remove the
     files the lab made for it. Refuses names without the lab prefix."""
-    if not name.startswith(prefix()):
-        raise ValueError(f"not a lab guest (prefix {prefix()!r}): {name!r}")
+    if not is_lab_guest(name):
+        raise ValueError(f"not a lab guest (prefix {prefix()!r}, or made by the lab): {name!r}")
     with locked():
         if _domain_exists(name):
             virsh("destroy", name, check=False)

@@ -74,7 +74,6 @@ from lab_libvirtd import (
     libvirt_answers,
     list_domains,
     restart_libvirtd,
-    virsh,
 )
 from lab_state import (
     DEFAULT_LAB_DIR,
@@ -218,9 +217,8 @@ def _ensure_guests(paused_names: Sequence[str], busy_names: Sequence[str]) -> in
     made = 0
     for n, busy in [(n, False) for n in paused_names] + [(n, True) for n in busy_names]:
         st = existing.get(n)
-        if st in ("paused", "running") and is_current(n):
-            if busy and st == "paused":
-                virsh("resume", n)
+        # A paused busy guest is made anew: libvirt cannot resume it (see lab_guests).
+        if (st == "running" or (st == "paused" and not busy)) and is_current(n):
             continue
         if st is not None:
             destroy_guest(n)
