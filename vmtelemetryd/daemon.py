@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 
+from vmtelemetryd import featurestate
 from vmtelemetryd.config import Config, ConfigError, load_config
 from vmtelemetryd.features import Features
 from vmtelemetryd.health import Health
@@ -104,6 +105,7 @@ class Daemon:
         self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._sampler = open_sampler(config)
         self._features = Features(config.feature_window)
+        featurestate.restore(self._features, config.spool_dir)
         self._writer = open_writer(config)
         self._ticker = Ticker(config.poll_interval, time.monotonic())
         self._generation = 1
@@ -250,6 +252,7 @@ class Daemon:
         log.info("stopping: flushing queued points", timeout_s=STOP_FLUSH_S)
         self._health.stopping(STOP_FLUSH_S + 10)
         self._writer.stop(STOP_FLUSH_S)
+        featurestate.save(self._features, self.config.spool_dir)
         self._sampler.close()
         self._report(alive=False)
         log.info("stopped", **_counts(self._writer.status()))

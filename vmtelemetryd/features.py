@@ -47,6 +47,16 @@ class _VmState:
     windows: dict[str, deque[Point]]
 
 
+@dataclass(frozen=True, slots=True)
+class VmHistory:
+    """``_VmState`` frozen, for another owner: kept across a daemon restart (featurestate)."""
+
+    instance: int
+    monotonic: float
+    last: VmSample
+    windows: Mapping[str, tuple[Point, ...]]
+
+
 class Features:
     """Derives ``VmFeatures`` from consecutive samples, keeping state per VM instance."""
 
@@ -61,6 +71,38 @@ class Features:
             state.windows = {
                 name: deque(points, maxlen=self._window) for name, points in state.windows.items()
             }
+
+    def snapshot(self) -> dict[str, VmHistory]:
+        """What the next sample of each VM would build on, by uuid."""
+        return {
+            uuid: VmHistory(
+                state.instance,
+                state.monotonic,
+                state.last,
+                {name: tuple(points) for name, points in state.windows.items()},
+            )
+            for uuid, state in self._states.items()
+        }
+
+    def restore(self, histories: Mapping[str, VmHistory]) -> None:
+        """Replace the state with a ``snapshot()``, e.g. an earlier process's of the same boot.
+
+        Monotonic stamps are only comparable within one boot: the caller checks
+        that. derive() uses an entry only for the same VM instance, so one that
+        restarted meanwhile starts afresh; windows keep their newest values.
+        """
+        self._states = {
+            uuid: _VmState(
+                history.instance,
+                history.monotonic,
+                history.last,
+                {
+                    name: deque(points, maxlen=self._window)
+                    for name, points in history.windows.items()
+                },
+            )
+            for uuid, history in histories.items()
+        }
 
     def derive(self, sample: Sample) -> dict[str, VmFeatures]:
         """Features of every VM of ``sample``, by uuid; VMs absent from it are forgotten."""
