@@ -3,6 +3,7 @@ XML (OpenNebula and Nova blocks), lifecycle events, and defined domains that do 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from xml.sax.saxutils import escape
 import labkit
 import libvirt
 import pytest
-from daemonproc import DaemonProcess, lab_environment, series_of
+from daemonproc import DaemonProcess, lab_environment, run_verb, series_of
 from fakeinflux import DATABASE, TOKEN, FakeInflux3, serve
 from lineparse import Line, parse_lines
 
@@ -171,3 +172,20 @@ def test_lifecycle_events_arrive_within_two_seconds_and_survive_an_outage(
         ("shutdown", "host", 4),
         ("stopped", "destroyed", 5),
     ]
+
+
+def test_vms_shows_states_by_name_and_metadata(
+    lab: Any, tmp_path: Path, identified: tuple[str, str]
+) -> None:
+    one, nova = identified
+    result = run_verb(lab_environment(lab, tmp_path), "vms")
+    assert result.returncode == 0, result.stderr
+    blocks = {
+        block.splitlines()[0].split()[0]: block
+        for block in re.split(r"\n(?=\S)", result.stdout.strip())
+    }
+    assert blocks[one].splitlines()[0].endswith(" paused"), blocks[one]
+    assert f"    one_name={HOSTILE!r}" in blocks[one].splitlines(), blocks[one]
+    assert "    one_vm_id='4242'" in blocks[one].splitlines()
+    assert "    nova_project='shop'" in blocks[nova].splitlines(), blocks[nova]
+    assert blocks[lab.busy_guests[0]].splitlines()[0].endswith(" running")

@@ -8,8 +8,9 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from vmtelemetryd.config import Config, ConfigError, describe, load_config
 from vmtelemetryd.daemon import Daemon, open_sampler
@@ -17,8 +18,9 @@ from vmtelemetryd.features import Features
 from vmtelemetryd.health import Health, default_status_path, read_status
 from vmtelemetryd.lineprotocol import encode
 from vmtelemetryd.logs import configure_logging, is_journal, set_redacted
+from vmtelemetryd.metadata import parse_metadata
 from vmtelemetryd.model import Sample, state_name
-from vmtelemetryd.sampler import SamplerError
+from vmtelemetryd.sampler import Sampler, SamplerError
 from vmtelemetryd.top import run_top
 from vmtelemetryd.topview import SORTS
 
@@ -27,6 +29,7 @@ EX_FAILURE = 1
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
 RUN_STATUS_PATH = Path("/run/vmtelemetryd/status.json")
+T = TypeVar("T")
 LOCAL_VERBS = ("once", "vms", "top")  # they never write to the database, and need none configured
 
 
@@ -55,7 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "vms": lambda: _vms(config),
         "top": lambda: run_top(config, args.interval or config.poll_interval, args.sort),
     }
-    return verbs[args.verb]()
+    try:
+        return verbs[args.verb]()
+    except BrokenPipeError:  # `vms | head`: the reader left, which is not our error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_OK
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,19 +115,28 @@ def _once(config: Config) -> int:
 
 def _take_samples(config: Config, count: int) -> list[Sample] | None:
     """``count`` samples, POLL_INTERVAL apart; None (and the reason on stderr) if libvirt fails."""
-    sampler = open_sampler(config)
-    samples: list[Sample] = []
-    try:
+
+    def take(sampler: Sampler) -> list[Sample]:
+        samples: list[Sample] = []
         while len(samples) < count:
             if samples:
                 time.sleep(config.poll_interval)
             samples.append(sampler.sample())
+        return samples
+
+    return _with_sampler(config, take)
+
+
+def _with_sampler(config: Config, use: Callable[[Sampler], T]) -> T | None:
+    """``use`` a connection of its own; None (and the reason on stderr) if libvirt fails."""
+    sampler = open_sampler(config)
+    try:
+        return use(sampler)
     except SamplerError as exc:
         print(f"vmtelemetryd: {exc}", file=sys.stderr)
         return None
     finally:
         sampler.close()
-    return samples
 
 
 def _check_config(config: Config) -> int:
@@ -136,14 +152,20 @@ def _show_config(config: Config) -> int:
 
 
 def _vms(config: Config) -> int:
-    samples = _take_samples(config, 1)
-    if samples is None:
+    def look(sampler: Sampler) -> tuple[Sample, dict[str, str]]:
+        sample = sampler.sample()
+        return sample, sampler.domain_xml([vm.uuid for vm in sample.vms])
+
+    seen = _with_sampler(config, look)
+    if seen is None:
         return EX_UNAVAILABLE
-    sample = samples[0]
+    sample, xml = seen
     for vm in sorted(sample.vms, key=lambda v: v.name):
         print(f"{vm.name}  {vm.uuid}  {state_name(vm.metrics.get('state'))}")
         for device in vm.devices:
             print(f"    {device.kind:<4} {device.name}")
+        for key, value in parse_metadata(vm.name, xml.get(vm.uuid, "")).items():
+            print(f"    {key}={value!r}")
     print(f"{len(sample.vms)} VMs on {sample.host}")
     return EX_OK
 
