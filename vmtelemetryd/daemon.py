@@ -11,18 +11,28 @@ import os
 import queue
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import structlog
 
 from vmtelemetryd import featurestate
 from vmtelemetryd.config import Config, ConfigError, load_config
+from vmtelemetryd.events import (
+    ConnectionClosed,
+    EventSource,
+    MetadataChanged,
+    Notice,
+    start_event_loop,
+)
 from vmtelemetryd.features import Features
 from vmtelemetryd.health import Health
-from vmtelemetryd.lineprotocol import encode, encode_line
+from vmtelemetryd.lineprotocol import encode, encode_info, encode_line
 from vmtelemetryd.logs import configure_logging, set_redacted
+from vmtelemetryd.metadatacache import MetadataCache
 from vmtelemetryd.model import Sample
 from vmtelemetryd.retry import Delivery
 from vmtelemetryd.sampler import Sampler, SamplerError, SamplerStuck
@@ -36,13 +46,14 @@ STOP_FLUSH_S = 20.0
 RELOAD_FLUSH_S = 5.0
 
 
-def open_sampler(config: Config) -> Sampler:
+def open_sampler(config: Config, events: EventSource | None = None) -> Sampler:
     return Sampler(
         config.libvirt_uri,
         timeout=config.libvirt_timeout,
         wants_domain=config.wants_domain,
         filtered=bool(config.domains_include or config.domains_exclude),
         host_tag=config.host_tag,
+        on_connect=events.register if events is not None else None,
     )
 
 
@@ -102,10 +113,15 @@ class Daemon:
         self.config = config
         self._config_path = config_path
         self._health = health
-        self._events: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self._sampler = open_sampler(config)
+        self._events: queue.SimpleQueue[str | Notice] = queue.SimpleQueue()
+        start_event_loop()  # before the first connection opens
+        self._event_source = EventSource(self._events.put)
+        self._sampler = open_sampler(config, self._event_source)
+        self._last_states: dict[str, int] = {}
         self._features = Features(config.feature_window)
         featurestate.restore(self._features, config.spool_dir)
+        self._metadata = MetadataCache(config.device_cache_ttl, config.poll_interval)
+        self._xml_reads = 0
         self._writer = open_writer(config)
         self._ticker = Ticker(config.poll_interval, time.monotonic())
         self._generation = 1
@@ -132,14 +148,17 @@ class Daemon:
             if event == "stop":
                 break
             if event == "reload":
-                self._reload()  # the tick waited for is still due
-            else:
+                self._reload()  # the tick waited for is still due, as after a notice
+            elif event is None:
                 alive = self._tick()
+            elif not isinstance(event, str):
+                self._on_notice(event)
+                continue
             self._report(alive)
         self._shutdown()
         return 0
 
-    def _wait(self, until: float, alive: bool) -> str | None:
+    def _wait(self, until: float, alive: bool) -> str | Notice | None:
         """Sleep until the next tick, waking early for a signal's event.
 
         While the last cycle made progress, the watchdog is also pinged during the
@@ -183,13 +202,46 @@ class Daemon:
         return True
 
     def _deliver(self, sample: Sample) -> int:
-        lines = encode(sample, self._features.derive(sample))
+        self._last_states = {v.uuid: v.metrics["state"] for v in sample.vms if "state" in v.metrics}
+        info = encode_info(sample, self._read_metadata(sample))
+        tags = self._metadata.tags(self.config.metadata_tags)
+        lines = encode(sample, self._features.derive(sample), tags) + info
         status = self._writer.status()
         own = self._own_metrics(sample, status)
         if own is not None:
             lines.append(own)
         self._writer.submit(lines)
         return len(lines)
+
+    def _on_notice(self, notice: Notice) -> None:
+        """A libvirt event, between cycles: a ``vm_events`` point now, metadata read again."""
+        if isinstance(notice, ConnectionClosed):
+            if notice.reason != libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT:  # not our own close
+                log.warning("libvirt connection closed", host=notice.host, reason=notice.reason)
+            return
+        if isinstance(notice, MetadataChanged) or notice.event == "defined":
+            self._metadata.mark_stale(notice.uuid)
+        if isinstance(notice, MetadataChanged):
+            return
+        state = notice.state
+        if state is None:  # defined, undefined: as last sampled, or never run
+            state = self._last_states.get(notice.uuid, libvirt.VIR_DOMAIN_SHUTOFF)
+        tags = {"host": notice.host, "vm": notice.vm, "uuid": notice.uuid}
+        tags |= {"event": notice.event, "detail": notice.detail}
+        line = encode_line("vm_events", tags, {"state": state}, notice.wall_ns)
+        if line is not None:
+            self._writer.submit([line])
+        log.debug("domain event", vm=notice.vm, kind=notice.event, detail=notice.detail)
+
+    def _read_metadata(self, sample: Sample) -> dict[str, Mapping[str, str]]:
+        """The domains whose XML is due this cycle, a few at a time; a failed read waits."""
+        try:
+            read = self._metadata.refresh(sample, self._sampler.domain_xml)
+        except SamplerError as exc:
+            log.warning("cannot read domain XML for metadata", error=str(exc))
+            return {}
+        self._xml_reads += len(read)
+        return read
 
     @property
     def _reconnects(self) -> int:
@@ -209,6 +261,7 @@ class Daemon:
             "sample_errors": self._sample_errors,
             "reconnects": self._reconnects,
             "overruns": self._ticker.overruns,
+            "xml_reads": self._xml_reads,
         }
         if last is not None:
             fields["poll_duration_s"] = float(last.duration_s)
@@ -237,7 +290,7 @@ class Daemon:
         if _sampler_settings(old) != _sampler_settings(config):
             self._sampler.close()
             self._retired_reconnects += self._sampler.reconnects
-            self._sampler = open_sampler(config)
+            self._sampler = open_sampler(config, self._event_source)
             log.info("libvirt connection rebuilt", uri=config.libvirt_uri)
         if _writer_settings(old) != _writer_settings(config):
             self._writer.stop(RELOAD_FLUSH_S)
@@ -247,6 +300,7 @@ class Daemon:
             self._features.resize(config.feature_window)
         if old.poll_interval != config.poll_interval:
             self._ticker.retune(config.poll_interval, time.monotonic())
+        self._metadata.retune(config.device_cache_ttl, config.poll_interval)
 
     def _shutdown(self) -> None:
         log.info("stopping: flushing queued points", timeout_s=STOP_FLUSH_S)
