@@ -29,10 +29,10 @@ from fakeinflux import DATABASE, TOKEN, FakeInflux3, serve
 from vmtelemetryd.features import Features
 from vmtelemetryd.lineprotocol import encode
 from vmtelemetryd.logs import configure_logging
-from vmtelemetryd.model import DeviceSample, Sample, VmSample
+from vmtelemetryd.model import DeviceSample, Sample, VmSample, WriterSettings
 from vmtelemetryd.sender import Sender
 from vmtelemetryd.spool import Spool
-from vmtelemetryd.writer import Writer, WriterSettings
+from vmtelemetryd.writer import Writer
 
 BATCH = 2000
 LINES = 120_000

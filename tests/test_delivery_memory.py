@@ -14,7 +14,7 @@ import pytest
 from fakeinflux import DATABASE, TOKEN, Answer, FakeInflux3, serve
 from test_delivery_policy import lines, make_writer, wait_until
 
-from vmtelemetryd.retry import Delivery
+from vmtelemetryd.model import Delivery
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from fakeinflux import DATABASE, TOKEN, Answer, FakeInflux3, serve
 
-from vmtelemetryd.retry import Delivery
+from vmtelemetryd.model import Delivery, WriterSettings
 from vmtelemetryd.sender import Sender
-from vmtelemetryd.writer import Writer, WriterSettings
+from vmtelemetryd.writer import Writer
 
 
 def lines(n: int, tag: str = "a") -> list[str]:

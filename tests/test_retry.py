@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vmtelemetryd.retry import BACKOFF_CAP_S, REFUSED_RETRY_S, Delivery, RetryPolicy
+from vmtelemetryd.model import Delivery
+from vmtelemetryd.retry import BACKOFF_CAP_S, REFUSED_RETRY_S, RetryPolicy
 from vmtelemetryd.sender import Outcome, WriteError
 
 

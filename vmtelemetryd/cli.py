@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from vmtelemetryd.config import Config, ConfigError, describe, load_config
-from vmtelemetryd.daemon import Daemon, open_sampler
+from vmtelemetryd.daemon import Daemon
 from vmtelemetryd.features import Features
 from vmtelemetryd.health import Health, default_status_path, read_status
 from vmtelemetryd.lineprotocol import encode
@@ -21,6 +21,7 @@ from vmtelemetryd.logs import configure_logging, is_journal, set_redacted
 from vmtelemetryd.metadata import parse_metadata
 from vmtelemetryd.model import Sample, state_name
 from vmtelemetryd.sampler import Sampler, SamplerError
+from vmtelemetryd.stages import open_sampler
 from vmtelemetryd.top import run_top
 from vmtelemetryd.topview import SORTS
 

@@ -24,24 +24,20 @@ from __future__ import annotations
 import difflib
 import io
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import SplitResult, urlsplit
+from typing import Any
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from vmtelemetryd.metadata import METADATA_KEYS
-
-WriteApi = Literal["v2", "v3"]
+from vmtelemetryd import configvalues as parsers
+from vmtelemetryd.configvalues import WriteApi
 
 DEFAULT_PATH = Path("/etc/vmtelemetryd/vmtelemetryd.env")
 CREDENTIAL_NAME = "influx-token"
-LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 
 # Config is read before logging is configured (LOG_LEVEL is in it): stdlib
 # logging's last-resort handler then still writes warnings to stderr, never to
@@ -118,122 +114,6 @@ def _matches(name: str, globs: Iterable[str]) -> bool:
     return any(fnmatchcase(name, glob) for glob in globs)
 
 
-class _Invalid(Exception):
-    """A value's problem, before it is tied to its variable's name."""
-
-
-def _expected(what: str, raw: str) -> _Invalid:
-    return _Invalid(f"expected {what}, got {raw!r}")
-
-
-def _seconds(*, zero_ok: bool) -> Callable[[str], float]:
-    what = f"a number of seconds {'>= 0' if zero_ok else '> 0'}"
-
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise _expected(what, raw) from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-            raise _expected(what, raw)
-        return value
-
-    return parse
-
-
-def _whole(unit: str, minimum: int) -> Callable[[str], int]:
-    what = f"a whole number of {unit} >= {minimum}"
-
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise _expected(what, raw) from None
-        if value < minimum:
-            raise _expected(what, raw)
-        return value
-
-    return parse
-
-
-def _libvirt_uri(raw: str) -> str:
-    # Empty would make libvirt guess a hypervisor: never what was meant.
-    if not raw:
-        raise _expected("a libvirt URI such as qemu:///system", raw)
-    return raw
-
-
-def _influx_url(raw: str) -> str:
-    parts = _split_url(raw)
-    if parts is not None and (parts.username is not None or parts.password is not None):
-        # Not echoed: the value holds a password.
-        raise _Invalid("must not hold credentials (give the token as INFLUX_TOKEN or a file)")
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise _expected("http://HOST:PORT or https://HOST:PORT", raw)
-    if not _port(parts) or parts.query or parts.fragment:
-        raise _expected("an explicit port and no query, as in http://127.0.0.1:8181", raw)
-    return raw.rstrip("/")
-
-
-def _split_url(raw: str) -> SplitResult | None:
-    try:
-        return urlsplit(raw)
-    except ValueError:  # e.g. an unbalanced "[" of an IPv6 address
-        return None
-
-
-def _port(parts: SplitResult) -> int | None:
-    try:
-        return parts.port
-    except ValueError:  # not a number, or out of range
-        return None
-
-
-def _database(raw: str) -> str:
-    if not raw:
-        raise _expected("a database name", raw)
-    return raw
-
-
-_WRITE_APIS: Mapping[str, WriteApi] = {"v3": "v3", "v2": "v2"}
-
-
-def _write_api(raw: str) -> WriteApi:
-    try:
-        return _WRITE_APIS[raw.lower()]
-    except KeyError:
-        raise _expected("v3 or v2", raw) from None
-
-
-def _spool_dir(raw: str) -> Path:
-    path = Path(raw)
-    if not path.is_absolute():
-        raise _expected("an absolute path", raw)
-    return path
-
-
-def _globs(raw: str) -> tuple[str, ...]:
-    return tuple(glob for item in raw.split(",") if (glob := item.strip()))
-
-
-def _metadata_tags(raw: str) -> tuple[str, ...]:
-    names = _globs(raw)
-    unknown = [name for name in names if name not in METADATA_KEYS]
-    if unknown:
-        raise _expected(f"vm_info keys among {', '.join(METADATA_KEYS)}", ",".join(unknown))
-    return names
-
-
-def _host_tag(raw: str) -> str | None:
-    return raw or None
-
-
-def _log_level(raw: str) -> str:
-    if raw.lower() not in LOG_LEVELS:
-        raise _expected(f"one of {', '.join(LOG_LEVELS)}", raw)
-    return raw.lower()
-
-
 @dataclass(frozen=True)
 class _Variable:
     name: str
@@ -245,24 +125,24 @@ class _Variable:
 
 # DESIGN.md's order, which is also the order of problems and of describe().
 _VARIABLES: tuple[_Variable, ...] = (
-    _Variable("LIBVIRT_URI", "libvirt_uri", _libvirt_uri),
-    _Variable("INFLUX_URL", "influx_url", _influx_url, required=True),
-    _Variable("INFLUX_DB", "influx_db", _database, required=True),
+    _Variable("LIBVIRT_URI", "libvirt_uri", parsers.libvirt_uri),
+    _Variable("INFLUX_URL", "influx_url", parsers.influx_url, required=True),
+    _Variable("INFLUX_DB", "influx_db", parsers.database, required=True),
     _Variable("INFLUX_TOKEN", "influx_token", None),
-    _Variable("INFLUX_WRITE_API", "influx_write_api", _write_api),
-    _Variable("POLL_INTERVAL", "poll_interval", _seconds(zero_ok=False)),
-    _Variable("BATCH_MAX_LINES", "batch_max_lines", _whole("lines", 1)),
-    _Variable("BATCH_MAX_SEC", "batch_max_sec", _seconds(zero_ok=False)),
-    _Variable("DEVICE_CACHE_TTL", "device_cache_ttl", _seconds(zero_ok=True)),
-    _Variable("METADATA_TAGS", "metadata_tags", _metadata_tags),
-    _Variable("LIBVIRT_TIMEOUT", "libvirt_timeout", _seconds(zero_ok=False)),
-    _Variable("SPOOL_DIR", "spool_dir", _spool_dir),
-    _Variable("SPOOL_MAX_BYTES", "spool_max_bytes", _whole("bytes", 1)),
-    _Variable("DOMAINS_INCLUDE", "domains_include", _globs),
-    _Variable("DOMAINS_EXCLUDE", "domains_exclude", _globs),
-    _Variable("FEATURE_WINDOW", "feature_window", _whole("samples", 2)),
-    _Variable("HOST_TAG", "host_tag", _host_tag),
-    _Variable("LOG_LEVEL", "log_level", _log_level),
+    _Variable("INFLUX_WRITE_API", "influx_write_api", parsers.write_api),
+    _Variable("POLL_INTERVAL", "poll_interval", parsers.seconds(zero_ok=False)),
+    _Variable("BATCH_MAX_LINES", "batch_max_lines", parsers.whole("lines", 1)),
+    _Variable("BATCH_MAX_SEC", "batch_max_sec", parsers.seconds(zero_ok=False)),
+    _Variable("DEVICE_CACHE_TTL", "device_cache_ttl", parsers.seconds(zero_ok=True)),
+    _Variable("METADATA_TAGS", "metadata_tags", parsers.metadata_tags),
+    _Variable("LIBVIRT_TIMEOUT", "libvirt_timeout", parsers.seconds(zero_ok=False)),
+    _Variable("SPOOL_DIR", "spool_dir", parsers.spool_dir),
+    _Variable("SPOOL_MAX_BYTES", "spool_max_bytes", parsers.whole("bytes", 1)),
+    _Variable("DOMAINS_INCLUDE", "domains_include", parsers.globs),
+    _Variable("DOMAINS_EXCLUDE", "domains_exclude", parsers.globs),
+    _Variable("FEATURE_WINDOW", "feature_window", parsers.whole("samples", 2)),
+    _Variable("HOST_TAG", "host_tag", parsers.host_tag),
+    _Variable("LOG_LEVEL", "log_level", parsers.log_level),
 )
 
 _KNOWN: frozenset[str] = frozenset({v.name for v in _VARIABLES} | {"INFLUX_TOKEN_FILE"})
@@ -337,7 +217,7 @@ def _parse(
                 values[variable.attribute] = variable.parse(raw.strip())
             elif variable.required and database:
                 problems[variable.name] = "required, not set"
-        except _Invalid as invalid:
+        except parsers.Invalid as invalid:
             problems[variable.name] = str(invalid)
         except ConfigError as error:
             if database:

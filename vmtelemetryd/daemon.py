@@ -33,69 +33,15 @@ from vmtelemetryd.health import Health
 from vmtelemetryd.lineprotocol import encode, encode_info, encode_line
 from vmtelemetryd.logs import configure_logging, set_redacted
 from vmtelemetryd.metadatacache import MetadataCache
-from vmtelemetryd.model import Sample
-from vmtelemetryd.retry import Delivery
-from vmtelemetryd.sampler import Sampler, SamplerError, SamplerStuck
+from vmtelemetryd.model import Delivery, Sample, WriterStatus
+from vmtelemetryd.sampler import SamplerError, SamplerStuck
 from vmtelemetryd.scheduler import Ticker
-from vmtelemetryd.sender import Sender
-from vmtelemetryd.writer import DeliveryCounts, Writer, WriterSettings, WriterStatus
+from vmtelemetryd.stages import open_sampler, open_writer, sampler_settings, writer_settings
 
 log = structlog.get_logger("vmtelemetryd")
 
 STOP_FLUSH_S = 20.0
 RELOAD_FLUSH_S = 5.0
-
-
-def open_sampler(config: Config, events: EventSource | None = None) -> Sampler:
-    return Sampler(
-        config.libvirt_uri,
-        timeout=config.libvirt_timeout,
-        wants_domain=config.wants_domain,
-        filtered=bool(config.domains_include or config.domains_exclude),
-        host_tag=config.host_tag,
-        on_connect=events.register if events is not None else None,
-    )
-
-
-def open_writer(config: Config, counts: DeliveryCounts | None = None) -> Writer:
-    sender = Sender(
-        config.influx_url,
-        config.influx_db,
-        config.influx_token.reveal(),
-        config.influx_write_api,
-    )
-    settings = WriterSettings(
-        batch_max_lines=config.batch_max_lines,
-        batch_max_sec=config.batch_max_sec,
-        spool_dir=config.spool_dir,
-        spool_max_bytes=config.spool_max_bytes,
-    )
-    writer = Writer(sender, settings, counts)
-    writer.start()
-    return writer
-
-
-def _sampler_settings(config: Config) -> tuple[object, ...]:
-    return (
-        config.libvirt_uri,
-        config.libvirt_timeout,
-        config.domains_include,
-        config.domains_exclude,
-        config.host_tag,
-    )
-
-
-def _writer_settings(config: Config) -> tuple[object, ...]:
-    return (
-        config.influx_url,
-        config.influx_db,
-        config.influx_token.reveal(),
-        config.influx_write_api,
-        config.batch_max_lines,
-        config.batch_max_sec,
-        config.spool_dir,
-        config.spool_max_bytes,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,12 +233,12 @@ class Daemon:
         configure_logging(config.log_level)
         # The old token may still show up in an error from the writer being replaced.
         set_redacted([old.influx_token.reveal(), config.influx_token.reveal()])
-        if _sampler_settings(old) != _sampler_settings(config):
+        if sampler_settings(old) != sampler_settings(config):
             self._sampler.close()
             self._retired_reconnects += self._sampler.reconnects
             self._sampler = open_sampler(config, self._event_source)
             log.info("libvirt connection rebuilt", uri=config.libvirt_uri)
-        if _writer_settings(old) != _writer_settings(config):
+        if writer_settings(old) != writer_settings(config):
             self._writer.stop(RELOAD_FLUSH_S)
             self._writer = open_writer(config, self._writer.status().counts)
             log.info("writer rebuilt", url=config.influx_url, database=config.influx_db)

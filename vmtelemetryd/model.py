@@ -1,6 +1,7 @@
 """The values that flow between the pipeline's stages.
 
 sampler -> ``Sample`` -> features -> ``VmFeatures`` -> lineprotocol -> lines (str)
+writer -> ``WriterStatus`` (with its ``DeliveryCounts`` and ``Delivery``) -> daemon, health
 
 Every value is frozen: a stage may keep what it was given (the feature stage
 keeps windows of past values) without fearing that another stage changes it.
@@ -10,8 +11,10 @@ Field names inside the mappings are already the schema's names
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 DeviceKind = Literal["disk", "nic"]
@@ -137,3 +140,56 @@ class VmFeatures:
 
     uuid: str
     fields: Mapping[str, float]
+
+
+class Delivery(enum.Enum):
+    """status.json's ``delivery``: what an operator needs to know about the database."""
+
+    OK = "ok"
+    RETRYING = "retrying"  # away or failing: it will come back on its own
+    REFUSED = "refused"  # 401/403/404: an operator must act
+    SPOOL_UNUSABLE = "spool-unusable"  # lines are held in memory only
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryCounts:
+    """Counters that only grow; a writer rebuilt by a reload starts from the old one's."""
+
+    written: int = 0
+    dropped: int = 0
+    dead_lettered: int = 0
+    write_errors: int = 0
+
+    def __add__(self, other: DeliveryCounts) -> DeliveryCounts:
+        return DeliveryCounts(
+            written=self.written + other.written,
+            dropped=self.dropped + other.dropped,
+            dead_lettered=self.dead_lettered + other.dead_lettered,
+            write_errors=self.write_errors + other.write_errors,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStatus:
+    """A consistent snapshot for status.json and the daemon's own measurement.
+
+    ``queued`` counts every line that lives only in memory (the write in
+    flight included) and ``spooled`` every line on disk: a line is in exactly
+    one of them.
+    """
+
+    queued: int
+    spooled: int
+    counts: DeliveryCounts
+    delivery: Delivery
+    last_write_wall: float | None
+    last_error: str | None
+    spool_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WriterSettings:
+    batch_max_lines: int
+    batch_max_sec: float
+    spool_dir: Path
+    spool_max_bytes: int

@@ -12,25 +12,16 @@ Pure: the clock and the random source are the caller's.
 
 from __future__ import annotations
 
-import enum
 import random
 from collections.abc import Callable
 
+from vmtelemetryd.model import Delivery
 from vmtelemetryd.sender import Outcome, WriteError
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_CAP_S = 10.0
 RETRY_AFTER_CAP_S = 300.0
 REFUSED_RETRY_S = 60.0
-
-
-class Delivery(enum.Enum):
-    """status.json's ``delivery``: what an operator needs to know about the database."""
-
-    OK = "ok"
-    RETRYING = "retrying"  # away or failing: it will come back on its own
-    REFUSED = "refused"  # 401/403/404: an operator must act
-    SPOOL_UNUSABLE = "spool-unusable"  # lines are held in memory only
 
 
 class RetryPolicy:

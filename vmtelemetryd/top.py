@@ -19,9 +19,9 @@ import time
 from typing import Any
 
 from vmtelemetryd.config import Config
-from vmtelemetryd.daemon import open_sampler
 from vmtelemetryd.features import Features
 from vmtelemetryd.sampler import SamplerError
+from vmtelemetryd.stages import open_sampler
 from vmtelemetryd.topview import TITLE_LINE, Frame, fits, next_sort, plain, rows_of, screen
 
 KEY_WAIT_MS = 100

@@ -21,15 +21,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import structlog
 
 from vmtelemetryd.deadletters import DeadLetters
-from vmtelemetryd.retry import Delivery, RetryPolicy
-from vmtelemetryd.sender import Outcome, RejectedLine, Sender, WriteError
+from vmtelemetryd.model import Delivery, DeliveryCounts, WriterSettings, WriterStatus
+from vmtelemetryd.retry import RetryPolicy
+from vmtelemetryd.sender import Outcome, Sender, WriteError
 from vmtelemetryd.spool import Spool, SpoolBatch, SpoolError
+from vmtelemetryd.writeattempt import WriteAttempt
 
 log = structlog.get_logger("vmtelemetryd.writer")
 
@@ -38,63 +38,6 @@ HIGH_WATER_BATCHES = 10
 MEMORY_CAP_BATCHES = 100
 DEAD_LETTERS_FILE = "dead-letters.jsonl"
 REFUSED_HINT = "fix INFLUX_DB or INFLUX_URL and reload; a new token credential needs a restart"
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryCounts:
-    """Counters that only grow; a writer rebuilt by a reload starts from the old one's."""
-
-    written: int = 0
-    dropped: int = 0
-    dead_lettered: int = 0
-    write_errors: int = 0
-
-    def __add__(self, other: DeliveryCounts) -> DeliveryCounts:
-        return DeliveryCounts(
-            written=self.written + other.written,
-            dropped=self.dropped + other.dropped,
-            dead_lettered=self.dead_lettered + other.dead_lettered,
-            write_errors=self.write_errors + other.write_errors,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class WriterStatus:
-    """A consistent snapshot for status.json and the daemon's own measurement.
-
-    ``queued`` counts every line that lives only in memory (the write in
-    flight included) and ``spooled`` every line on disk: a line is in exactly
-    one of them.
-    """
-
-    queued: int
-    spooled: int
-    counts: DeliveryCounts
-    delivery: Delivery
-    last_write_wall: float | None
-    last_error: str | None
-    spool_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class WriterSettings:
-    batch_max_lines: int
-    batch_max_sec: float
-    spool_dir: Path
-    spool_max_bytes: int
-
-
-@dataclass
-class _Attempt:
-    """One write in flight; its thread fills in the outcome, the writer thread settles it."""
-
-    lines: list[str]
-    spooled: SpoolBatch | None  # None: the lines were taken from the memory queue
-    started: float
-    finished: bool = False
-    error: WriteError | None = None
-    written: int = 0
-    rejections: list[WriteError] = field(default_factory=list)
 
 
 class Writer:
@@ -122,7 +65,7 @@ class Writer:
         self._spool: Spool | None = None
         self._spool_retry_at = 0.0
         self._spooling = False
-        self._attempt: _Attempt | None = None
+        self._attempt: WriteAttempt | None = None
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
 
     def start(self) -> None:
@@ -243,20 +186,10 @@ class Writer:
                 lines = [self._queue.popleft() for _ in range(min(batch_max, len(self._queue)))]
                 self._in_flight = len(lines)
                 self._oldest_at = time.monotonic()
-        self._attempt = _Attempt(lines, spooled, time.monotonic())
-        threading.Thread(
-            target=self._write, args=(self._attempt,), name="writer-send", daemon=True
-        ).start()
+        self._attempt = WriteAttempt(lines, spooled, time.monotonic())
+        self._attempt.start(self._sender, self._cond)
 
-    def _write(self, attempt: _Attempt) -> None:
-        """On the attempt's own thread: only the sender, no writer state."""
-        error = _send_splitting(self._sender, attempt.lines, attempt)
-        with self._cond:
-            attempt.error = error
-            attempt.finished = True
-            self._cond.notify()
-
-    def _settle(self, attempt: _Attempt) -> None:
+    def _settle(self, attempt: WriteAttempt) -> None:
         self._attempt = None
         seconds = round(time.monotonic() - attempt.started, 3)
         source = "memory" if attempt.spooled is None else "spool"
@@ -277,7 +210,7 @@ class Writer:
             self._spooling = False
             log.info("spool drained, writing directly again")
 
-    def _failed(self, attempt: _Attempt, error: WriteError) -> None:
+    def _failed(self, attempt: WriteAttempt, error: WriteError) -> None:
         """Keep every line of the attempt; a retry redoes it whole, rejections included."""
         with self._cond:
             delay = self._retry.failed(error, time.monotonic())
@@ -422,24 +355,3 @@ class Writer:
         with self._cond:
             self._queue.extendleft(reversed(attempt.lines))
             self._in_flight = 0
-
-
-def _send_splitting(sender: Sender, lines: list[str], attempt: _Attempt) -> WriteError | None:
-    """One attempt, halving on 413; the error that must make the whole batch wait, or None."""
-    try:
-        sender.send(lines)
-    except WriteError as error:
-        if error.outcome is Outcome.SPLIT and len(lines) > 1:
-            half = len(lines) // 2
-            return _send_splitting(sender, lines[:half], attempt) or _send_splitting(
-                sender, lines[half:], attempt
-            )
-        if error.outcome is Outcome.SPLIT:
-            error.rejected = (RejectedLine(lines[0], error.reason),)
-        elif error.outcome is not Outcome.REJECTED:
-            return error
-        attempt.rejections.append(error)
-        attempt.written += len(lines) - len(error.rejected)
-        return None
-    attempt.written += len(lines)
-    return None
