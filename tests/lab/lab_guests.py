@@ -2,8 +2,9 @@
 
 A paused guest has no OS and costs no CPU, yet reports every stats group; a
 busy guest boots the tiny Linux under TCG and keeps its counters growing at
-steady rates (lab_tinylinux.INIT_SCRIPT). Every name starts with the lab
-prefix, and the lab only ever removes domains with that prefix.
+steady rates (lab_tinylinux.INIT_SCRIPT), or spins to want all of its vCPU.
+Every name starts with the lab prefix, and the lab only ever removes domains
+with that prefix.
 """
 
 from __future__ import annotations
@@ -93,10 +94,14 @@ def domain_xml(
     initrd: Path | None = None,
     title: str | None = None,
     metadata: str | None = None,
+    spin: bool = False,
 ) -> str:
     """The domain XML, built with ElementTree so that every name and path is
     escaped as XML requires. ``metadata``: the XML of ``<metadata>``'s children
-    (namespaced blocks, as OpenNebula and Nova write them)."""
+    (namespaced blocks, as OpenNebula and Nova write them). ``spin``: a busy
+    guest whose /init spins instead of doing I/O (vmtlab.spin=1)."""
+    if spin and not busy:
+        raise ValueError("only a busy guest boots an /init that can spin")
     kind = "kvm" if (kvm_available() and not busy) else "qemu"
     dom = ET.Element("domain", type=kind)
     ET.SubElement(dom, "name").text = name
@@ -117,6 +122,7 @@ def domain_xml(
         ET.SubElement(os_el, "cmdline").text = (
             "console=ttyS0 quiet panic=-1 mitigations=off "
             f"vmtlab.addr={addr} vmtlab.peer={peer} vmtlab.nobody={nobody} "
+            f"{'vmtlab.spin=1 ' if spin else ''}"
             # unused by /init: it makes the XML say which /init it boots (is_current)
             f"vmtlab.init={init_hash()}"
         )
@@ -172,6 +178,7 @@ def _guest_xml(
     nic_dev: str,
     disks: Sequence[Path],
     console: Path | None,
+    spin: bool = False,
     **identity: str | None,
 ) -> str:
     kernel, initrd = ensure_tiny_linux() if busy else (None, None)
@@ -183,6 +190,7 @@ def _guest_xml(
         console=console,
         kernel=kernel,
         initrd=initrd,
+        spin=spin,
         **identity,
     )
 
@@ -191,6 +199,7 @@ def create_guest(
     name: str,
     *,
     busy: bool = False,
+    spin: bool = False,
     nic_dev: str | None = None,
     disk_paths: Sequence[str | os.PathLike[str]] | None = None,
     title: str | None = None,
@@ -199,7 +208,8 @@ def create_guest(
     named_freely: bool = False,
 ) -> str:
     """Create one transient lab guest: paused with no OS, or (busy=True) a
-    running TCG tiny Linux. ``name`` must start with the lab prefix (so that
+    running TCG tiny Linux (``spin=True``: one that spins, to want all of its vCPU,
+    instead of doing I/O). ``name`` must start with the lab prefix (so that
     ``down`` finds it) and may hold any other characters libvirt accepts.
     ``disk_paths``: two qcow2 paths (vda, vdb), created when missing and then
     removed again by destroy_guest(). ``title`` and ``metadata``: see
@@ -235,7 +245,7 @@ def create_guest(
             console.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 console.unlink()
-        xml = _guest_xml(name, busy, nic_dev, disks, console, title=title, metadata=metadata)
+        xml = _guest_xml(name, busy, nic_dev, disks, console, spin, title=title, metadata=metadata)
         xml_path = lab_path("xml", f"{safe}.xml")
         write_atomic(xml_path, xml)
         write_atomic(
@@ -244,6 +254,7 @@ def create_guest(
                 {
                     "name": name,
                     "busy": busy,
+                    "spin": spin,
                     "nic_dev": nic_dev,
                     "disks": [os.fspath(d) for d in disks],
                     "created_disks": created,
@@ -275,7 +286,8 @@ def is_current(name: str) -> bool:
         return False
     console = Path(meta["console"]) if meta.get("console") else None
     disks = [Path(d) for d in meta["disks"]]
-    return made == _guest_xml(name, bool(meta["busy"]), meta["nic_dev"], disks, console)
+    spin = bool(meta.get("spin"))
+    return made == _guest_xml(name, bool(meta["busy"]), meta["nic_dev"], disks, console, spin)
 
 
 def cleanup_guest_files(name: str) -> None:

@@ -2,8 +2,9 @@
 
 A Debian kernel and busybox-static, downloaded (not installed), and an
 initramfs whose /init loads the virtio drivers and then keeps the disks, the
-NIC and the balloon busy at steady rates. Built once and cached under the lab
-dir; a change to INIT_SCRIPT rebuilds it (LAB.md: TCG boots it, KVM hangs).
+NIC and the balloon busy at steady rates, or (vmtlab.spin=1) its vCPU. Built
+once and cached under the lab dir; a change to INIT_SCRIPT rebuilds it (LAB.md:
+TCG boots it, KVM hangs).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ BUSY_READY_MARK = "busy guest up"  # printed by INIT_SCRIPT once the workload st
 #   nobody (400-byte frames to a MAC no one has, so never answered): the guest
 #   sends 3x what it receives, and the host never forwards a frame;
 # * memory: 32 MiB held in a tmpfs, so the balloon's usable/available differ.
+# With vmtlab.spin=1 the guest runs none of that workload but a shell busy loop
+# instead: a guest that wants its whole vCPU, to show steal time (LAB.md).
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /mnt /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -73,6 +76,7 @@ for arg in $(cat /proc/cmdline); do
         vmtlab.addr=*) ADDR="${arg#vmtlab.addr=}" ;;
         vmtlab.peer=*) PEER="${arg#vmtlab.peer=}" ;;
         vmtlab.nobody=*) NOBODY="${arg#vmtlab.nobody=}" ;;
+        vmtlab.spin=1) SPIN=1 ;;
     esac
 done
 n=0
@@ -89,6 +93,7 @@ mount -t tmpfs -o size=48m tmpfs /mnt
 dd if=/dev/zero of=/mnt/hold bs=1M count=32 2>/dev/null
 echo "vmtlab: eth0 $ADDR, peer $PEER, nobody $NOBODY, holding 32 MiB"
 echo "busy guest up"
+[ -n "$SPIN" ] && while :; do :; done
 ping -q -i 0.25 -s 158 "$PEER" >/dev/null 2>&1 &
 ping -q -i 0.25 -s 358 "$NOBODY" >/dev/null 2>&1 &
 while :; do dd if=/dev/zero of=/dev/vda bs=24k oflag=direct 2>/dev/null; done &
