@@ -147,11 +147,6 @@ def test_show_config_reflects_file_and_environment_with_the_token_masked(tmp_pat
     assert (shown["FEATURE_WINDOW"], shown["LOG_LEVEL"]) == ("5", "debug")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py knows neither METADATA_TAGS nor STATS_SHARDS (warned about as unknown "
-    "and ignored), and describe() leaves INFLUX_TOKEN_FILE out of show-config",
-)
 def test_show_config_prints_every_design_variable(tmp_path: Path) -> None:
     """DESIGN.md's table is the list an operator compares a host against."""
     token = tmp_path / "token"

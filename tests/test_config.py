@@ -35,7 +35,7 @@ def problems(tmp_path: Path, environ: Mapping[str, str], file_text: str = "") ->
 def test_defaults(tmp_path: Path) -> None:
     path = write_env(tmp_path, "")
     assert load_config(path, REQUIRED) == Config(
-        libvirt_uri="qemu:///system",
+        libvirt_uris=("qemu:///system",),
         influx_url="http://127.0.0.1:8181",
         influx_db="vms",
         influx_token=Secret(TOKEN),
@@ -81,7 +81,7 @@ def test_every_variable_read_from_file(tmp_path: Path) -> None:
         LOG_LEVEL=DEBUG
         """,
     )
-    assert (config.libvirt_uri, config.influx_url) == (
+    assert (config.libvirt_uris[0], config.influx_url) == (
         "qemu+ssh://root@hv1/system",
         "https://influx.example:8443/prefix",
     )
@@ -208,7 +208,16 @@ def test_bad_value_names_its_variable(tmp_path: Path, variable: str, value: str)
         ("POLL_INTERVAL", " 0.1 ", "poll_interval", 0.1),
         ("POLL_INTERVAL", "1e-3", "poll_interval", 0.001),
         ("LOG_LEVEL", "Warning", "log_level", "warning"),
-        ("LIBVIRT_URI", "test:///default", "libvirt_uri", "test:///default"),
+        ("LIBVIRT_URI", "test:///default", "libvirt_uris", ("test:///default",)),
+        (
+            "LIBVIRT_URI",
+            " qemu:///system , qemu+ssh://a@hv2/system?keyfile=/k%2Cx&no_tty=1",
+            "libvirt_uris",
+            ("qemu:///system", "qemu+ssh://a@hv2/system?keyfile=/k,x&no_tty=1"),
+        ),
+        ("STATS_SHARDS", "auto", "stats_shards", "auto"),
+        ("STATS_SHARDS", "AUTO", "stats_shards", "auto"),
+        ("STATS_SHARDS", "4", "stats_shards", 4),
         ("DOMAINS_EXCLUDE", " , ", "domains_exclude", ()),
     ],
 )
@@ -344,11 +353,13 @@ def test_describe_follows_design_order_and_loads_back(tmp_path: Path) -> None:
         "INFLUX_DB",
         "INFLUX_TOKEN",
         "INFLUX_WRITE_API",
+        "INFLUX_TOKEN_FILE",
         "POLL_INTERVAL",
         "BATCH_MAX_LINES",
         "BATCH_MAX_SEC",
         "DEVICE_CACHE_TTL",
         "METADATA_TAGS",
+        "STATS_SHARDS",
         "LIBVIRT_TIMEOUT",
         "SPOOL_DIR",
         "SPOOL_MAX_BYTES",
@@ -435,3 +446,33 @@ def test_metadata_tags_must_be_vm_info_keys(tmp_path: Path) -> None:
         load(tmp_path, {**REQUIRED, "METADATA_TAGS": "one_name,owner,vm"})
     assert raised.value.variable == "METADATA_TAGS"
     assert "'owner,vm'" in str(raised.value) and "one_owner" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("LIBVIRT_URI", "qemu:///system,"),
+        ("LIBVIRT_URI", "qemu:///system,qemu:///system"),
+        ("STATS_SHARDS", "0"),
+        ("STATS_SHARDS", "65"),
+        ("STATS_SHARDS", "some"),
+    ],
+)
+def test_bad_hosts_and_shards(tmp_path: Path, name: str, raw: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, {**REQUIRED, name: raw})
+    assert set(raised.value.problems) == {name} and repr(raw) in str(raised.value)
+
+
+def test_host_tag_goes_with_a_single_host_only(tmp_path: Path) -> None:
+    two = {**REQUIRED, "LIBVIRT_URI": "qemu:///system,qemu+ssh://hv2/system"}
+    assert load(tmp_path, two).libvirt_uris == ("qemu:///system", "qemu+ssh://hv2/system")
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, {**two, "HOST_TAG": "hv1"})
+    assert set(raised.value.problems) == {"HOST_TAG"} and "single LIBVIRT_URI" in str(raised.value)
+
+
+def test_a_comma_inside_a_uri_shows_as_written_and_loads_back(tmp_path: Path) -> None:
+    environ = {**REQUIRED, "LIBVIRT_URI": "qemu+ssh://h/system?keyfile=/a%2Cb,qemu:///system"}
+    shown = dict(describe(load(tmp_path, environ)))
+    assert shown["LIBVIRT_URI"] == environ["LIBVIRT_URI"]

@@ -315,7 +315,7 @@ def _stored_lines(host: str) -> dict[int, set[tuple[str, frozenset[tuple[str, st
 
     victoria-metrics keeps a line as one series per field; a line is its tags at a time.
     """
-    known = (*MEASUREMENTS, OWN)
+    known = (*MEASUREMENTS, "vm_info", "vm_events", OWN)
     lines: dict[int, set[tuple[str, frozenset[tuple[str, str]]]]] = defaultdict(set)
     for row in labkit.query(f'{{host="{host}"}}'):
         labels = dict(row["metric"])

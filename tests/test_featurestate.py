@@ -16,6 +16,7 @@ from vmtelemetryd.features import Features
 from vmtelemetryd.model import Sample
 
 OTHER = "99999999-2222-3333-4444-555555555555"
+HOST = "qemu:///system"
 
 
 def busy(t: float, *, instance: int = 1, uuid: str = UUID) -> Sample:
@@ -45,9 +46,9 @@ def test_a_restarted_daemon_goes_on_as_if_it_had_never_stopped(tmp_path: Path) -
     spool = tmp_path / "spool"  # not there yet: save makes it
     running, stopped = fed(range(100, 104)), fed(range(100, 104))
     with capture_logs() as logs:
-        featurestate.save(stopped, spool)
+        featurestate.save({HOST: stopped}, spool)
         started = Features(4)
-        featurestate.restore(started, spool)
+        featurestate.restore({HOST: started}, spool)
     assert [e["log_level"] for e in logs] == ["info", "info"]
 
     # From the first sample on, until the windows hold no saved value any more.
@@ -58,19 +59,19 @@ def test_a_restarted_daemon_goes_on_as_if_it_had_never_stopped(tmp_path: Path) -
 
 
 def test_the_state_is_taken_back_once(tmp_path: Path) -> None:
-    featurestate.save(fed(range(2)), tmp_path)
-    featurestate.restore(Features(4), tmp_path)
+    featurestate.save({HOST: fed(range(2))}, tmp_path)
+    featurestate.restore({HOST: Features(4)}, tmp_path)
     assert not state_file(tmp_path).exists()
     again = Features(4)
     with capture_logs() as logs:
-        featurestate.restore(again, tmp_path)
+        featurestate.restore({HOST: again}, tmp_path)
     assert logs == []  # no file: the first start, or the one after a SIGKILL
     assert "cpu_pct" not in fields_of(again, busy(2.0))
 
 
 def test_saving_replaces_an_older_file_and_leaves_no_temporary_one(tmp_path: Path) -> None:
     state_file(tmp_path).write_text("an older, longer file " * 1000)
-    featurestate.save(fed(range(2)), tmp_path)
+    featurestate.save({HOST: fed(range(2))}, tmp_path)
     assert json.loads(state_file(tmp_path).read_bytes())["format"] == featurestate.FORMAT
     assert sorted(p.name for p in tmp_path.iterdir()) == [featurestate.FILE_NAME]
 
@@ -81,9 +82,9 @@ def test_a_vm_that_restarted_meanwhile_starts_afresh_and_the_others_go_on(
     features = Features(4)
     for t in (0.0, 1.0):
         features.derive(Sample("hv1", 0, t, busy(t).vms + busy(t, uuid=OTHER).vms))
-    featurestate.save(features, tmp_path)
+    featurestate.save({HOST: features}, tmp_path)
     started = Features(4)
-    featurestate.restore(started, tmp_path)
+    featurestate.restore({HOST: started}, tmp_path)
 
     # UUID came back with another domain id; the other kept its own.
     derived = started.derive(
@@ -94,7 +95,7 @@ def test_a_vm_that_restarted_meanwhile_starts_afresh_and_the_others_go_on(
 
 
 def vm_of(document: dict[str, Any]) -> dict[str, Any]:
-    saved: dict[str, Any] = next(iter(document["vms"].values()))
+    saved: dict[str, Any] = next(iter(document["hosts"][HOST].values()))
     return saved
 
 
@@ -106,13 +107,14 @@ EDITS: dict[str, Edit] = {
     "a counter that is text": lambda d: vm_of(d)["last"]["metrics"].update(cpu_time_ns="lots"),
     "a window point that is not a pair": lambda d: vm_of(d)["windows"].update(cpu_pct=[[1.0]]),
     "an unknown device kind": lambda d: vm_of(d)["last"].update(devices=[["gpu", "g0", {}]]),
-    "vms that are not an object": lambda d: d.update(vms=[]),
+    "hosts that are not an object": lambda d: d.update(hosts=[]),
+    "a host whose vms are not an object": lambda d: d["hosts"].update({HOST: []}),
 }
 
 
 @pytest.mark.parametrize("edit", EDITS.values(), ids=EDITS.keys())
 def test_a_doubtful_file_is_ignored_with_one_warning(tmp_path: Path, edit: Edit) -> None:
-    featurestate.save(fed(range(4)), tmp_path)
+    featurestate.save({HOST: fed(range(4))}, tmp_path)
     document = json.loads(state_file(tmp_path).read_bytes())
     edit(document)
     state_file(tmp_path).write_text(json.dumps(document))
@@ -131,7 +133,7 @@ BROKEN: dict[str, Callable[[bytes], bytes]] = {
 def test_a_damaged_file_is_ignored_with_one_warning(
     tmp_path: Path, damage: Callable[[bytes], bytes]
 ) -> None:
-    featurestate.save(fed(range(4)), tmp_path)
+    featurestate.save({HOST: fed(range(4))}, tmp_path)
     state_file(tmp_path).write_bytes(damage(state_file(tmp_path).read_bytes()))
     _assert_ignored(tmp_path)
 
@@ -139,7 +141,7 @@ def test_a_damaged_file_is_ignored_with_one_warning(
 def _assert_ignored(spool: Path) -> None:
     started = Features(4)
     with capture_logs() as logs:
-        featurestate.restore(started, spool)
+        featurestate.restore({HOST: started}, spool)
     assert [(e["log_level"], e["event"]) for e in logs] == [("warning", "feature state ignored")]
     assert "cpu_pct" not in fields_of(started, busy(4.0))
     assert not state_file(spool).exists()  # never read twice
@@ -149,6 +151,17 @@ def test_an_unwritable_spool_dir_costs_one_warning_not_the_stop(tmp_path: Path) 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with capture_logs() as logs:
-        featurestate.save(fed(range(2)), blocker / "spool")  # even root cannot make this
+        featurestate.save({HOST: fed(range(2))}, blocker / "spool")  # even root cannot make this
     assert [e["log_level"] for e in logs] == ["warning"]
     assert "Not a directory" in logs[0]["error"]
+
+
+def test_each_host_gets_back_its_own_state_and_a_host_no_longer_watched_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """Kept by host URI: the same VM on two hosts (a migration) never mixes their counters."""
+    featurestate.save({HOST: fed(range(2)), "qemu+ssh://hv2/system": Features(4)}, tmp_path)
+    here, there = Features(4), Features(4)
+    featurestate.restore({HOST: here, "qemu+ssh://hv3/system": there}, tmp_path)
+    assert "cpu_pct" in fields_of(here, busy(2.0))
+    assert "cpu_pct" not in fields_of(there, busy(2.0))

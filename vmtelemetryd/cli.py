@@ -16,12 +16,13 @@ from vmtelemetryd.config import Config, ConfigError, describe, load_config
 from vmtelemetryd.daemon import Daemon
 from vmtelemetryd.features import Features
 from vmtelemetryd.health import Health, default_status_path, read_status
+from vmtelemetryd.hostsampler import HostSampler
 from vmtelemetryd.lineprotocol import encode
 from vmtelemetryd.logs import configure_logging, is_journal, set_redacted
 from vmtelemetryd.metadata import parse_metadata
 from vmtelemetryd.model import Sample, state_name
-from vmtelemetryd.sampler import Sampler, SamplerError
-from vmtelemetryd.stages import open_sampler
+from vmtelemetryd.sampler import SamplerError
+from vmtelemetryd.stages import open_hosts
 from vmtelemetryd.top import run_top
 from vmtelemetryd.topview import SORTS
 
@@ -103,41 +104,47 @@ def _positive_seconds(raw: str) -> float:
 
 
 def _once(config: Config) -> int:
-    """Two samples an interval apart, so rates exist; nothing goes to the database."""
-    samples = _take_samples(config, 2)
-    if samples is None:
+    """Two samples of every host an interval apart, so rates exist; nothing goes to the
+    database."""
+    rounds = _take_samples(config, 2)
+    if rounds is None:
         return EX_UNAVAILABLE
-    features = Features(config.feature_window)
-    features.derive(samples[0])
-    lines = encode(samples[1], features.derive(samples[1]))
+    lines: list[str] = []
+    for before, after in zip(*rounds, strict=True):
+        features = Features(config.feature_window)
+        features.derive(before)
+        lines += encode(after, features.derive(after))
     sys.stdout.write("".join(line + "\n" for line in lines))
     return EX_OK
 
 
-def _take_samples(config: Config, count: int) -> list[Sample] | None:
-    """``count`` samples, POLL_INTERVAL apart; None (and the reason on stderr) if libvirt fails."""
+def _take_samples(config: Config, count: int) -> list[list[Sample]] | None:
+    """``count`` rounds, POLL_INTERVAL apart, of one sample per host; None (and the reason
+    on stderr) if libvirt fails."""
 
-    def take(sampler: Sampler) -> list[Sample]:
-        samples: list[Sample] = []
-        while len(samples) < count:
-            if samples:
+    def take(hosts: list[HostSampler]) -> list[list[Sample]]:
+        rounds: list[list[Sample]] = []
+        while len(rounds) < count:
+            if rounds:
                 time.sleep(config.poll_interval)
-            samples.append(sampler.sample())
-        return samples
+            rounds.append([host.sample() for host in hosts])
+        return rounds
 
-    return _with_sampler(config, take)
+    return _with_hosts(config, take)
 
 
-def _with_sampler(config: Config, use: Callable[[Sampler], T]) -> T | None:
-    """``use`` a connection of its own; None (and the reason on stderr) if libvirt fails."""
-    sampler = open_sampler(config)
+def _with_hosts(config: Config, use: Callable[[list[HostSampler]], T]) -> T | None:
+    """``use`` connections of its own to every host; None (and the reason on stderr) if
+    libvirt fails."""
+    hosts = open_hosts(config)
     try:
-        return use(sampler)
+        return use(hosts)
     except SamplerError as exc:
         print(f"vmtelemetryd: {exc}", file=sys.stderr)
         return None
     finally:
-        sampler.close()
+        for host in hosts:
+            host.close()
 
 
 def _check_config(config: Config) -> int:
@@ -153,21 +160,24 @@ def _show_config(config: Config) -> int:
 
 
 def _vms(config: Config) -> int:
-    def look(sampler: Sampler) -> tuple[Sample, dict[str, str]]:
-        sample = sampler.sample()
-        return sample, sampler.domain_xml([vm.uuid for vm in sample.vms])
+    def look(hosts: list[HostSampler]) -> list[tuple[Sample, dict[str, str]]]:
+        seen = []
+        for host in hosts:
+            sample = host.sample()
+            seen.append((sample, host.domain_xml([vm.uuid for vm in sample.vms])))
+        return seen
 
-    seen = _with_sampler(config, look)
+    seen = _with_hosts(config, look)
     if seen is None:
         return EX_UNAVAILABLE
-    sample, xml = seen
-    for vm in sorted(sample.vms, key=lambda v: v.name):
-        print(f"{vm.name}  {vm.uuid}  {state_name(vm.metrics.get('state'))}")
-        for device in vm.devices:
-            print(f"    {device.kind:<4} {device.name}")
-        for key, value in parse_metadata(vm.name, xml.get(vm.uuid, "")).items():
-            print(f"    {key}={value!r}")
-    print(f"{len(sample.vms)} VMs on {sample.host}")
+    for sample, xml in seen:
+        for vm in sorted(sample.vms, key=lambda v: v.name):
+            print(f"{vm.name}  {vm.uuid}  {state_name(vm.metrics.get('state'))}")
+            for device in vm.devices:
+                print(f"    {device.kind:<4} {device.name}")
+            for key, value in parse_metadata(vm.name, xml.get(vm.uuid, "")).items():
+                print(f"    {key}={value!r}")
+        print(f"{len(sample.vms)} VMs on {sample.host}")
     return EX_OK
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
@@ -84,16 +84,18 @@ class Secret:
 class Config:
     """The validated configuration; ``load_config`` is the way to build one."""
 
-    libvirt_uri: str = "qemu:///system"
+    libvirt_uris: tuple[str, ...] = ("qemu:///system",)
     influx_url: str
     influx_db: str
     influx_token: Secret
     influx_write_api: WriteApi = "v3"
+    influx_token_file: Path | None = None
     poll_interval: float = 1.0
     batch_max_lines: int = 2000
     batch_max_sec: float = 1.0
     device_cache_ttl: float = 300.0
     metadata_tags: tuple[str, ...] = ()
+    stats_shards: int | Literal["auto"] = "auto"
     libvirt_timeout: float = 30.0
     spool_dir: Path = Path("/var/lib/vmtelemetryd/spool")
     spool_max_bytes: int = 1073741824
@@ -125,16 +127,18 @@ class _Variable:
 
 # DESIGN.md's order, which is also the order of problems and of describe().
 _VARIABLES: tuple[_Variable, ...] = (
-    _Variable("LIBVIRT_URI", "libvirt_uri", parsers.libvirt_uri),
+    _Variable("LIBVIRT_URI", "libvirt_uris", parsers.libvirt_uris),
     _Variable("INFLUX_URL", "influx_url", parsers.influx_url, required=True),
     _Variable("INFLUX_DB", "influx_db", parsers.database, required=True),
     _Variable("INFLUX_TOKEN", "influx_token", None),
     _Variable("INFLUX_WRITE_API", "influx_write_api", parsers.write_api),
+    _Variable("INFLUX_TOKEN_FILE", "influx_token_file", parsers.token_file),
     _Variable("POLL_INTERVAL", "poll_interval", parsers.seconds(zero_ok=False)),
     _Variable("BATCH_MAX_LINES", "batch_max_lines", parsers.whole("lines", 1)),
     _Variable("BATCH_MAX_SEC", "batch_max_sec", parsers.seconds(zero_ok=False)),
     _Variable("DEVICE_CACHE_TTL", "device_cache_ttl", parsers.seconds(zero_ok=True)),
     _Variable("METADATA_TAGS", "metadata_tags", parsers.metadata_tags),
+    _Variable("STATS_SHARDS", "stats_shards", parsers.stats_shards),
     _Variable("LIBVIRT_TIMEOUT", "libvirt_timeout", parsers.seconds(zero_ok=False)),
     _Variable("SPOOL_DIR", "spool_dir", parsers.spool_dir),
     _Variable("SPOOL_MAX_BYTES", "spool_max_bytes", parsers.whole("bytes", 1)),
@@ -145,7 +149,7 @@ _VARIABLES: tuple[_Variable, ...] = (
     _Variable("LOG_LEVEL", "log_level", parsers.log_level),
 )
 
-_KNOWN: frozenset[str] = frozenset({v.name for v in _VARIABLES} | {"INFLUX_TOKEN_FILE"})
+_KNOWN: frozenset[str] = frozenset(v.name for v in _VARIABLES)
 _PREFIXES: tuple[str, ...] = tuple({name.split("_")[0] + "_" for name in _KNOWN})
 
 
@@ -224,6 +228,11 @@ def _parse(
                 problems.update(error.problems)
     if not database:
         values = {"influx_url": "", "influx_db": "", "influx_token": Secret(""), **values}
+    if values.get("host_tag") and len(values.get("libvirt_uris", ())) > 1:
+        problems["HOST_TAG"] = (
+            "only with a single LIBVIRT_URI: with several, each host is tagged with its own"
+            " libvirt hostname"
+        )
     if problems:
         raise ConfigError(problems)
     return values
@@ -281,5 +290,5 @@ def _shown(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, tuple):
-        return ",".join(value)
+        return ",".join(item.replace(",", parsers.URI_COMMA) for item in value)
     return str(value)  # a Secret shows as ***

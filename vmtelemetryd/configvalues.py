@@ -53,11 +53,31 @@ def whole(unit: str, minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def libvirt_uri(raw: str) -> str:
-    # Empty would make libvirt guess a hypervisor: never what was meant.
-    if not raw:
-        raise _expected("a libvirt URI such as qemu:///system", raw)
-    return raw
+URI_COMMA = "%2C"  # a comma inside one of several URIs
+
+
+def libvirt_uris(raw: str) -> tuple[str, ...]:
+    """One URI or several, comma-separated; each is unique and none is empty (libvirt
+    would guess a hypervisor: never what was meant)."""
+    uris = tuple(item.strip().replace(URI_COMMA, ",") for item in raw.split(","))
+    if not all(uris):
+        raise _expected("libvirt URIs such as qemu:///system, separated by commas", raw)
+    if len(set(uris)) < len(uris):
+        raise _expected("each URI once", raw)
+    return uris
+
+
+def stats_shards(raw: str) -> int | Literal["auto"]:
+    """``auto`` or a number of concurrent requests per host."""
+    if raw.lower() == "auto":
+        return "auto"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _expected("auto or a whole number from 1 to 64", raw) from None
+    if not 1 <= value <= 64:
+        raise _expected("auto or a whole number from 1 to 64", raw)
+    return value
 
 
 def influx_url(raw: str) -> str:
@@ -123,6 +143,11 @@ def metadata_tags(raw: str) -> tuple[str, ...]:
 
 def host_tag(raw: str) -> str | None:
     return raw or None
+
+
+def token_file(raw: str) -> Path | None:
+    """Where the token is read from (config.py reads it); empty: none."""
+    return Path(raw) if raw else None
 
 
 def log_level(raw: str) -> str:

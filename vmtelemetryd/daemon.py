@@ -11,7 +11,6 @@ import os
 import queue
 import signal
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,22 +20,19 @@ import structlog
 
 from vmtelemetryd import featurestate
 from vmtelemetryd.config import Config, ConfigError, load_config
-from vmtelemetryd.events import (
-    ConnectionClosed,
-    EventSource,
-    MetadataChanged,
-    Notice,
-    start_event_loop,
-)
+from vmtelemetryd.events import ConnectionClosed, DomainEvent, Notice, start_event_loop
 from vmtelemetryd.features import Features
+from vmtelemetryd.fleet import Fleet, HostResult
 from vmtelemetryd.health import Health
-from vmtelemetryd.lineprotocol import encode, encode_info, encode_line
+from vmtelemetryd.hostpipeline import HostPipeline
+from vmtelemetryd.hostsampler import HostSampler
+from vmtelemetryd.lineprotocol import encode_line
 from vmtelemetryd.logs import configure_logging, set_redacted
-from vmtelemetryd.metadatacache import MetadataCache
-from vmtelemetryd.model import Delivery, Sample, WriterStatus
-from vmtelemetryd.sampler import SamplerError, SamplerStuck
+from vmtelemetryd.model import Sample, WriterStatus
+from vmtelemetryd.report import HostReport, HostState, status_document, summary
+from vmtelemetryd.sampler import SamplerStuck
 from vmtelemetryd.scheduler import Ticker
-from vmtelemetryd.stages import open_sampler, open_writer, sampler_settings, writer_settings
+from vmtelemetryd.stages import open_hosts, open_writer, sampler_settings, writer_settings
 
 log = structlog.get_logger("vmtelemetryd")
 
@@ -44,14 +40,13 @@ STOP_FLUSH_S = 20.0
 RELOAD_FLUSH_S = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class CycleReport:
-    """What the last cycle did, for the status line, status.json and self-metrics."""
+@dataclass
+class _Host:
+    """One hypervisor as the daemon keeps it: its sampler, its pure stages, its last answer."""
 
-    wall: float
-    duration_s: float
-    vms: int
-    error: str | None
+    sampler: HostSampler
+    pipeline: HostPipeline
+    last: HostReport | None = None
 
 
 class Daemon:
@@ -61,18 +56,13 @@ class Daemon:
         self._health = health
         self._events: queue.SimpleQueue[str | Notice] = queue.SimpleQueue()
         start_event_loop()  # before the first connection opens
-        self._event_source = EventSource(self._events.put)
-        self._sampler = open_sampler(config, self._event_source)
-        self._last_states: dict[str, int] = {}
-        self._features = Features(config.feature_window)
-        featurestate.restore(self._features, config.spool_dir)
-        self._metadata = MetadataCache(config.device_cache_ttl, config.poll_interval)
-        self._xml_reads = 0
+        self._hosts: dict[str, _Host] = {}
+        self._fleet = self._open_fleet(config)
+        featurestate.restore(self._feature_stages(), config.spool_dir)
         self._writer = open_writer(config)
         self._ticker = Ticker(config.poll_interval, time.monotonic())
         self._generation = 1
         self._reload_error: str | None = None
-        self._last: CycleReport | None = None
         self._sample_errors = 0
         self._retired_reconnects = 0  # of samplers a reload replaced: counters only grow
         self._started = time.time()
@@ -126,75 +116,69 @@ class Daemon:
         return alive
 
     def _cycle(self) -> bool:
-        """One tick's work; True when the daemon made progress (for the watchdog)."""
+        """One tick's work; True when at least one host made progress (for the watchdog)."""
         started = time.monotonic()
-        try:
-            sample = self._sampler.sample()
-        except SamplerError as exc:
-            self._sample_errors += 1
-            self._last = CycleReport(time.time(), time.monotonic() - started, 0, str(exc))
-            log.error("sample failed", error=str(exc))
-            return not isinstance(exc, SamplerStuck)
-        sampled = time.monotonic()
-        lines = self._deliver(sample)
-        self._last = CycleReport(time.time(), time.monotonic() - started, len(sample.vms), None)
+        answers = self._fleet.sample(started + self._patience())
+        lines: list[str] = []
+        for answer in answers:
+            lines += self._take(answer)
+        self._writer.submit(lines)
         log.debug(
             "poll done",
-            vms=len(sample.vms),
-            lines=lines,
-            sample_s=round(sampled - started, 4),
-            pipeline_s=round(time.monotonic() - sampled, 4),
+            hosts=len(answers),
+            vms=sum(len(a.sample.vms) for a in answers if a.sample is not None),
+            lines=len(lines),
+            seconds=round(time.monotonic() - started, 4),
         )
-        return True
+        return any(not isinstance(a.error, SamplerStuck) for a in answers)
 
-    def _deliver(self, sample: Sample) -> int:
-        self._last_states = {v.uuid: v.metrics["state"] for v in sample.vms if "state" in v.metrics}
-        info = encode_info(sample, self._read_metadata(sample))
-        tags = self._metadata.tags(self.config.metadata_tags)
-        lines = encode(sample, self._features.derive(sample), tags) + info
-        status = self._writer.status()
-        own = self._own_metrics(sample, status)
-        if own is not None:
-            lines.append(own)
-        self._writer.submit(lines)
-        return len(lines)
+    def _patience(self) -> float:
+        """How long a cycle waits for its hosts: one host as long as libvirt may take; with
+        several, less than an interval, so that a slow host delays no other host's points."""
+        if len(self._hosts) == 1:
+            return self.config.libvirt_timeout + 1.0
+        return max(0.1, 0.9 * self.config.poll_interval)
+
+    def _take(self, answer: HostResult) -> list[str]:
+        """One host's answer: its lines, and what the status will say of it."""
+        host = self._hosts.get(answer.uri)
+        if host is None:  # a host a reload removed, answering late
+            return []
+        wall = time.time()
+        if answer.sample is None:
+            self._sample_errors += 1
+            error = str(answer.error)
+            name = host.last.host if host.last else ""
+            host.last = HostReport(answer.uri, name, wall, answer.duration_s, 0, error)
+            log.error("sample failed", uri=answer.uri, error=error)
+            return []
+        sample = answer.sample
+        lines = host.pipeline.lines(sample, host.sampler.domain_xml, self.config.metadata_tags)
+        vms, share_error = len(sample.vms), host.sampler.share_error
+        host.last = HostReport(answer.uri, sample.host, wall, answer.duration_s, vms, share_error)
+        own = self._own_metrics(sample, host)
+        return lines + ([own] if own is not None else [])
 
     def _on_notice(self, notice: Notice) -> None:
         """A libvirt event, between cycles: a ``vm_events`` point now, metadata read again."""
         if isinstance(notice, ConnectionClosed):
             if notice.reason != libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT:  # not our own close
-                log.warning("libvirt connection closed", host=notice.host, reason=notice.reason)
+                log.warning("libvirt connection closed", uri=notice.uri, reason=notice.reason)
             return
-        if isinstance(notice, MetadataChanged) or notice.event == "defined":
-            self._metadata.mark_stale(notice.uuid)
-        if isinstance(notice, MetadataChanged):
-            return
-        state = notice.state
-        if state is None:  # defined, undefined: as last sampled, or never run
-            state = self._last_states.get(notice.uuid, libvirt.VIR_DOMAIN_SHUTOFF)
-        tags = {"host": notice.host, "vm": notice.vm, "uuid": notice.uuid}
-        tags |= {"event": notice.event, "detail": notice.detail}
-        line = encode_line("vm_events", tags, {"state": state}, notice.wall_ns)
+        host = self._hosts.get(notice.uri)
+        line = host.pipeline.on_event(notice) if host is not None else None
         if line is not None:
             self._writer.submit([line])
-        log.debug("domain event", vm=notice.vm, kind=notice.event, detail=notice.detail)
-
-    def _read_metadata(self, sample: Sample) -> dict[str, Mapping[str, str]]:
-        """The domains whose XML is due this cycle, a few at a time; a failed read waits."""
-        try:
-            read = self._metadata.refresh(sample, self._sampler.domain_xml)
-        except SamplerError as exc:
-            log.warning("cannot read domain XML for metadata", error=str(exc))
-            return {}
-        self._xml_reads += len(read)
-        return read
+        if isinstance(notice, DomainEvent):
+            log.debug("domain event", vm=notice.vm, kind=notice.event, detail=notice.detail)
 
     @property
     def _reconnects(self) -> int:
-        return self._retired_reconnects + self._sampler.reconnects
+        return self._retired_reconnects + sum(h.sampler.reconnects for h in self._hosts.values())
 
-    def _own_metrics(self, sample: Sample, status: WriterStatus) -> str | None:
-        last = self._last
+    def _own_metrics(self, sample: Sample, host: _Host) -> str | None:
+        """The daemon's own figures, one line per host answer, tagged with that host."""
+        status = self._writer.status()
         counts = status.counts
         fields: dict[str, int | float] = {
             "vms": len(sample.vms),
@@ -207,11 +191,29 @@ class Daemon:
             "sample_errors": self._sample_errors,
             "reconnects": self._reconnects,
             "overruns": self._ticker.overruns,
-            "xml_reads": self._xml_reads,
+            "xml_reads": host.pipeline.xml_reads,
+            "shards": host.sampler.shards,
         }
-        if last is not None:
-            fields["poll_duration_s"] = float(last.duration_s)
+        if host.last is not None:
+            fields["poll_duration_s"] = float(host.last.duration_s)
         return encode_line("vmtelemetryd", {"host": sample.host}, fields, sample.wall_ns)
+
+    def _open_fleet(self, config: Config) -> Fleet:
+        """A sampler per host; a host that stays keeps its pipeline (rates, windows, metadata)."""
+        samplers = open_hosts(config, self._events.put)
+        kept = self._hosts
+        self._hosts = {s.uri: _Host(s, self._pipeline(config)) for s in samplers}
+        for uri, host in self._hosts.items():
+            if uri in kept:
+                host.pipeline, host.last = kept[uri].pipeline, kept[uri].last
+        return Fleet(samplers)
+
+    @staticmethod
+    def _pipeline(config: Config) -> HostPipeline:
+        return HostPipeline(config.feature_window, config.device_cache_ttl, config.poll_interval)
+
+    def _feature_stages(self) -> dict[str, Features]:
+        return {uri: host.pipeline.features for uri, host in self._hosts.items()}
 
     def _reload(self) -> None:
         self._health.reloading()
@@ -234,26 +236,27 @@ class Daemon:
         # The old token may still show up in an error from the writer being replaced.
         set_redacted([old.influx_token.reveal(), config.influx_token.reveal()])
         if sampler_settings(old) != sampler_settings(config):
-            self._sampler.close()
-            self._retired_reconnects += self._sampler.reconnects
-            self._sampler = open_sampler(config, self._event_source)
-            log.info("libvirt connection rebuilt", uri=config.libvirt_uri)
+            self._fleet.close()
+            self._retired_reconnects += sum(h.sampler.reconnects for h in self._hosts.values())
+            self._fleet = self._open_fleet(config)
+            log.info("libvirt connection rebuilt", uri=",".join(config.libvirt_uris))
         if writer_settings(old) != writer_settings(config):
             self._writer.stop(RELOAD_FLUSH_S)
             self._writer = open_writer(config, self._writer.status().counts)
             log.info("writer rebuilt", url=config.influx_url, database=config.influx_db)
-        if old.feature_window != config.feature_window:
-            self._features.resize(config.feature_window)
+        for host in self._hosts.values():
+            host.pipeline.retune(
+                config.feature_window, config.device_cache_ttl, config.poll_interval
+            )
         if old.poll_interval != config.poll_interval:
             self._ticker.retune(config.poll_interval, time.monotonic())
-        self._metadata.retune(config.device_cache_ttl, config.poll_interval)
 
     def _shutdown(self) -> None:
         log.info("stopping: flushing queued points", timeout_s=STOP_FLUSH_S)
         self._health.stopping(STOP_FLUSH_S + 10)
         self._writer.stop(STOP_FLUSH_S)
-        featurestate.save(self._features, self.config.spool_dir)
-        self._sampler.close()
+        featurestate.save(self._feature_stages(), self.config.spool_dir)
+        self._fleet.close()
         self._report(alive=False)
         log.info("stopped", **_counts(self._writer.status()))
 
@@ -266,46 +269,32 @@ class Daemon:
 
     def _summary(self) -> str:
         """The one line systemctl status shows."""
-        status = self._writer.status()
-        last = self._last
-        parts = [
-            f"{last.vms if last else 0} VMs",
-            f"poll {last.duration_s:.2f} s" if last else "no poll yet",
-            f"{status.queued} queued",
-        ]
-        if status.spooled:
-            parts.append(f"{status.spooled} spooled")
-        if status.last_write_wall is not None:
-            parts.append(f"last write {time.time() - status.last_write_wall:.1f} s ago")
-        if status.delivery is not Delivery.OK:
-            parts.append(_delivery_words(status))
-        error = self._reload_error or (last.error if last else None)
-        if error:
-            parts.append(f"error: {error}")
-        return ", ".join(parts)
+        return summary(self._host_states(), self._writer.status(), self._reload_error)
 
     def _status_report(self) -> dict[str, Any]:
-        status = self._writer.status()
-        last = self._last
         return {
             "pid": os.getpid(),
             "started": self._started,
             "generation": self._generation,
             "config": str(self._config_path) if self._config_path else None,
             "config_error": self._reload_error,
-            "vms": last.vms if last else 0,
-            "last_poll": last.wall if last else None,
-            "last_poll_duration_s": last.duration_s if last else None,
-            "last_sample_error": last.error if last else None,
-            "libvirt_connected": self._sampler.connected,
-            "reconnects": self._reconnects,
             "overruns": self._ticker.overruns,
-            "delivery": status.delivery.value,
-            "last_write": status.last_write_wall,
-            "last_write_error": status.last_error,
-            "spool_error": status.spool_error,
-            **_counts(status),
+            **status_document(self._host_states(), self._writer.status()),
+            "reconnects": self._reconnects,
         }
+
+    def _host_states(self) -> list[HostState]:
+        return [
+            HostState(
+                uri,
+                host.last,
+                host.sampler.connected,
+                host.sampler.reconnects,
+                host.sampler.shards,
+                uri in self._fleet.busy,
+            )
+            for uri, host in self._hosts.items()
+        ]
 
 
 def _counts(status: WriterStatus) -> dict[str, int]:
@@ -318,20 +307,3 @@ def _counts(status: WriterStatus) -> dict[str, int]:
         "dead_lettered": counts.dead_lettered,
         "write_errors": counts.write_errors,
     }
-
-
-_DELIVERY_WORDS = {
-    Delivery.RETRYING: "database unreachable, retrying",
-    Delivery.REFUSED: "database REFUSED the writes (token, database or URL)",
-    Delivery.SPOOL_UNUSABLE: "spool unusable",
-}
-
-
-def _delivery_words(status: WriterStatus) -> str:
-    """What is wrong with delivery, in the words an operator acts on, with its reason."""
-    reason = status.spool_error if status.delivery is Delivery.SPOOL_UNUSABLE else status.last_error
-    return (
-        f"{_DELIVERY_WORDS[status.delivery]}: {reason}"
-        if reason
-        else _DELIVERY_WORDS[status.delivery]
-    )

@@ -62,8 +62,9 @@ DETAIL_NAMES = _detail_names()
 
 @dataclass(frozen=True, slots=True)
 class DomainEvent:
-    """A lifecycle event of one domain, as it arrived."""
+    """A lifecycle event of one domain, as it arrived; ``uri`` names the connection."""
 
+    uri: str
     host: str
     vm: str
     uuid: str
@@ -78,13 +79,13 @@ class DomainEvent:
 
 @dataclass(frozen=True, slots=True)
 class MetadataChanged:
-    host: str
+    uri: str
     uuid: str
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionClosed:
-    host: str
+    uri: str
     reason: int
 
 
@@ -118,9 +119,10 @@ def _run_loop() -> None:
 
 
 class EventSource:
-    """Registers the callbacks on each new connection (a ``Sampler``'s ``on_connect``)."""
+    """Registers the callbacks on each new connection to ``uri`` (its sampler's ``on_connect``)."""
 
-    def __init__(self, deliver: Callable[[Notice], None]) -> None:
+    def __init__(self, uri: str, deliver: Callable[[Notice], None]) -> None:
+        self._uri = uri
         self._deliver = deliver
 
     def register(self, conn: Any, host: str) -> None:
@@ -138,11 +140,13 @@ class EventSource:
         name, detail_name = describe(event, detail)
         # name() and UUIDString() read the handle: no call to libvirtd from its loop.
         self._deliver(
-            DomainEvent(host, dom.name(), dom.UUIDString(), name, detail_name, time.time_ns())
+            DomainEvent(
+                self._uri, host, dom.name(), dom.UUIDString(), name, detail_name, time.time_ns()
+            )
         )
 
     def _metadata(self, _conn: Any, dom: Any, _kind: int, _uri: Any, host: str) -> None:
-        self._deliver(MetadataChanged(host, dom.UUIDString()))
+        self._deliver(MetadataChanged(self._uri, dom.UUIDString()))
 
-    def _closed(self, _conn: Any, reason: int, host: str) -> None:
-        self._deliver(ConnectionClosed(host, reason))
+    def _closed(self, _conn: Any, reason: int, _host: str) -> None:
+        self._deliver(ConnectionClosed(self._uri, reason))

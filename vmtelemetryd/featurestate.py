@@ -27,7 +27,7 @@ from vmtelemetryd.features import Features, Point, VmHistory
 from vmtelemetryd.model import DeviceKind, DeviceSample, VmSample
 
 FILE_NAME = "features.state"
-FORMAT = 1
+FORMAT = 2  # 2: by host URI, then uuid
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 
 log = structlog.get_logger("vmtelemetryd.featurestate")
@@ -40,13 +40,18 @@ class _Unusable(ValueError):
     """Why a saved state cannot be taken back."""
 
 
-def save(features: Features, spool_dir: Path) -> None:
-    """Save the state for the next start; a failure is one warning, never a failed stop."""
+def save(features: Mapping[str, Features], spool_dir: Path) -> None:
+    """Save each host's state (by URI) for the next start; a failure is one warning,
+    never a failed stop."""
     path = spool_dir / FILE_NAME
-    histories = features.snapshot()
-    vms = {uuid: _encoded(history) for uuid, history in histories.items()}
+    hosts = {uri: stage.snapshot() for uri, stage in features.items()}
+    encoded = {
+        uri: {uuid: _encoded(history) for uuid, history in histories.items()}
+        for uri, histories in hosts.items()
+    }
+    vms = sum(len(histories) for histories in hosts.values())
     try:
-        document = {"format": FORMAT, "boot_id": _boot_id(), "vms": vms}
+        document = {"format": FORMAT, "boot_id": _boot_id(), "hosts": encoded}
         _write_atomically(path, json.dumps(document, separators=(",", ":")).encode())
     except OSError as error:
         log.warning(
@@ -55,11 +60,12 @@ def save(features: Features, spool_dir: Path) -> None:
             error=str(error),
         )
         return
-    log.info("feature state saved", path=str(path), vms=len(histories))
+    log.info("feature state saved", path=str(path), vms=vms)
 
 
-def restore(features: Features, spool_dir: Path) -> None:
-    """Give ``features`` the state the previous run of this boot saved, and remove the file."""
+def restore(features: Mapping[str, Features], spool_dir: Path) -> None:
+    """Give each host's ``features`` the state the previous run of this boot saved for
+    that URI, and remove the file; hosts no longer monitored are left out."""
     path = spool_dir / FILE_NAME
     try:
         data = path.read_bytes()
@@ -71,12 +77,16 @@ def restore(features: Features, spool_dir: Path) -> None:
         log.warning("feature state ignored", path=str(path), reason=str(error))
         return
     try:
-        histories = _decoded(json.loads(data), _boot_id())
+        hosts = _decoded(json.loads(data), _boot_id())
     except (OSError, ValueError) as error:  # json's errors are ValueErrors, as is _Unusable
         log.warning("feature state ignored", path=str(path), reason=str(error))
         return
-    features.restore(histories)
-    log.info("feature state taken back", path=str(path), vms=len(histories))
+    taken = 0
+    for uri, stage in features.items():
+        histories = hosts.get(uri, {})
+        stage.restore(histories)
+        taken += len(histories)
+    log.info("feature state taken back", path=str(path), vms=taken)
 
 
 def _boot_id() -> str:
@@ -122,14 +132,17 @@ def _encoded(history: VmHistory) -> dict[str, object]:
     }
 
 
-def _decoded(document: object, boot: str) -> dict[str, VmHistory]:
+def _decoded(document: object, boot: str) -> dict[str, dict[str, VmHistory]]:
     """The histories of a parsed file, every value checked: a bad one must not reach derive()."""
     top = _typed(document, dict)
     if top.get("format") != FORMAT:
         raise _Unusable(f"format {top.get('format')!r}, this version reads {FORMAT}")
     if top.get("boot_id") != boot:
         raise _Unusable("saved during another boot")
-    return {uuid: _history(vm) for uuid, vm in _typed(top.get("vms"), dict).items()}
+    return {
+        _typed(uri, str): {uuid: _history(vm) for uuid, vm in _typed(vms, dict).items()}
+        for uri, vms in _typed(top.get("hosts"), dict).items()
+    }
 
 
 def _history(value: object) -> VmHistory:

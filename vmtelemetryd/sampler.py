@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -215,9 +216,11 @@ class Sampler:
         filtered: bool,
         host_tag: str | None,
         on_connect: Callable[[Any, str], None] | None = None,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         self._uri = uri
         self._on_connect = on_connect
+        self.share = share
         self._handles: dict[str, Any] = {}
         self._timeout = timeout
         self._wants_domain = wants_domain
@@ -274,7 +277,7 @@ class Sampler:
 
     def _request(self, conn: Any) -> list[tuple[Any, dict[str, Any]]]:
         """Running (and paused) domains with every group, then the others' state alone."""
-        if not self._filtered:
+        if not self._filtered and self.share[1] == 1:
             running: list[tuple[Any, dict[str, Any]]] = conn.getAllDomainStats(
                 STATS_GROUPS, ACTIVE_ONLY | STATS_FLAGS
             )
@@ -284,10 +287,21 @@ class Sampler:
             return running + stopped
         pairs: list[tuple[Any, dict[str, Any]]] = []
         for listing, groups in ((LIST_ACTIVE, STATS_GROUPS), (LIST_INACTIVE, STATE_ONLY)):
-            domains = [d for d in conn.listAllDomains(listing) if self._wants_domain(d.name())]
+            domains = [d for d in conn.listAllDomains(listing) if self._mine(d)]
             if domains:
+                # A domain gone since the listing is skipped by libvirt, not an error.
                 pairs += conn.domainListGetStats(domains, groups, STATS_FLAGS)
         return pairs
+
+    def _mine(self, dom: Any) -> bool:
+        """Wanted by the filters, and in this connection's share of the host's domains.
+
+        Shares are cut by a hash of the uuid, so that every shard's own listing
+        puts each domain in exactly one share, whatever order libvirt lists them in.
+        """
+        index, count = self.share
+        share = zlib.crc32(dom.UUIDString().encode()) % count
+        return share == index and self._wants_domain(dom.name())
 
     def _connection(self) -> Any:
         if self._conn is not None:

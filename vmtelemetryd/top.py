@@ -20,9 +20,18 @@ from typing import Any
 
 from vmtelemetryd.config import Config
 from vmtelemetryd.features import Features
-from vmtelemetryd.sampler import SamplerError
-from vmtelemetryd.stages import open_sampler
-from vmtelemetryd.topview import TITLE_LINE, Frame, fits, next_sort, plain, rows_of, screen
+from vmtelemetryd.fleet import Fleet, HostResult
+from vmtelemetryd.stages import open_hosts
+from vmtelemetryd.topview import (
+    TITLE_LINE,
+    Frame,
+    Row,
+    fits,
+    next_sort,
+    plain,
+    rows_of,
+    screen,
+)
 
 KEY_WAIT_MS = 100
 _SCROLL_KEYS = {
@@ -36,12 +45,21 @@ _SCROLL_KEYS = {
 
 
 class Poller(threading.Thread):
-    """Samples every ``interval`` and hands each result over as a ``Frame``."""
+    """Samples every host every ``interval`` and hands each refresh over as a ``Frame``.
+
+    A host that fails keeps its last rows on screen, under its error; one that
+    is slow is shown as it was until it answers, like the daemon's hosts.
+    """
 
     def __init__(self, config: Config, interval: float) -> None:
         super().__init__(name="top-poller", daemon=True)
-        self._sampler = open_sampler(config)
-        self._features = Features(config.feature_window)
+        hosts = open_hosts(config)
+        self._fleet = Fleet(hosts)
+        self._features = {h.uri: Features(config.feature_window) for h in hosts}
+        self._names: dict[str, str] = {}
+        self._rows: dict[str, tuple[Row, ...]] = {}
+        self._errors: dict[str, str] = {}
+        self._patience = config.libvirt_timeout if len(hosts) == 1 else 0.9 * interval
         self._interval = interval
         self._stopping = threading.Event()
         self.frames: queue.SimpleQueue[Frame] = queue.SimpleQueue()
@@ -50,25 +68,27 @@ class Poller(threading.Thread):
         try:
             self._poll()
         finally:
-            self._sampler.close()
+            self._fleet.close()
 
     def _poll(self) -> None:
-        last: Frame | None = None
         while not self._stopping.is_set():
             started = time.monotonic()
-            try:
-                sample = self._sampler.sample()
-            except SamplerError as exc:
-                # The last good rows stay on screen, under the error.
-                rows = last.rows if last is not None else ()
-                hosts = last.hosts if last is not None else ()
-                frame = Frame(hosts, rows, time.monotonic() - started, time.time(), str(exc))
-            else:
-                rows = tuple(rows_of(sample, self._features.derive(sample)))
-                frame = Frame((sample.host,), rows, time.monotonic() - started, time.time())
-                last = frame
-            self.frames.put(frame)
+            for answer in self._fleet.sample(started + self._patience):
+                self._take(answer)
+            rows = tuple(row for uri in self._features for row in self._rows.get(uri, ()))
+            hosts = tuple(self._names.get(uri, uri) for uri in self._features)
+            error = "; ".join(self._errors.values()) or None
+            self.frames.put(Frame(hosts, rows, time.monotonic() - started, time.time(), error))
             self._stopping.wait(max(0.0, started + self._interval - time.monotonic()))
+
+    def _take(self, answer: HostResult) -> None:
+        if answer.sample is None:
+            self._errors[answer.uri] = str(answer.error)
+            return
+        self._errors.pop(answer.uri, None)
+        self._names[answer.uri] = answer.sample.host
+        features = self._features[answer.uri].derive(answer.sample)
+        self._rows[answer.uri] = tuple(rows_of(answer.sample, features))
 
     def stop(self) -> None:
         """Ask the thread to end; a call stuck in libvirt is left behind, not waited for."""
