@@ -6,6 +6,9 @@
 VMT_LAB_DOWN=1. Tests marked ``lab`` are skipped only where the lab truly
 cannot run (not root, or no QEMU and no apt to install it); anywhere else a
 lab that fails to come up is an error.
+
+``lab2``: the same lab with a second hypervisor beside it (``up(hosts=2)``:
+hv2, a libvirtd with its own hostname and paused guests; see lab_hosts.py).
 """
 
 from __future__ import annotations
@@ -34,12 +37,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def lab() -> Iterator[labkit.LabInfo]:
+def _lab_session(hosts: int) -> Iterator[labkit.LabInfo]:
     reason = _lab_skip_reason()
     if reason:
         pytest.skip(reason)
-    info = labkit.up(labkit.DEFAULT_GUESTS, labkit.DEFAULT_BUSY)
-    yield info
+    yield labkit.up(labkit.DEFAULT_GUESTS, labkit.DEFAULT_BUSY, hosts=hosts)
     if os.environ.get("VMT_LAB_DOWN") == "1":
         labkit.down()
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[labkit.LabInfo]:
+    yield from _lab_session(hosts=1)
+
+
+@pytest.fixture(scope="session")
+def lab2() -> Iterator[labkit.LabInfo]:
+    yield from _lab_session(hosts=2)

@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from lab_libvirtd import list_domains, virsh
+from lab_libvirtd import LIBVIRT_URI, list_domains, virsh
 from lab_state import LabError, lab_path, locked, prefix, run, write_atomic
 from lab_tinylinux import BUSY_READY_MARK, ensure_tiny_linux, init_hash
 
@@ -39,8 +39,9 @@ def is_lab_guest(name: str) -> bool:
     return name.startswith(prefix()) or registry(name).exists()
 
 
-def lab_domains() -> dict[str, str]:
-    return {n: s for n, s in list_domains().items() if is_lab_guest(n)}
+def lab_domains(uri: str = LIBVIRT_URI) -> dict[str, str]:
+    """The lab's domains on ``uri`` (the default host, or another of lab_hosts)."""
+    return {n: s for n, s in list_domains(uri).items() if is_lab_guest(n)}
 
 
 def _hash(name: str) -> str:
@@ -206,6 +207,7 @@ def create_guest(
     metadata: str | None = None,
     start: bool = True,
     named_freely: bool = False,
+    uri: str = LIBVIRT_URI,
 ) -> str:
     """Create one transient lab guest: paused with no OS, or (busy=True) a
     running TCG tiny Linux (``spin=True``: one that spins, to want all of its vCPU,
@@ -216,11 +218,12 @@ def create_guest(
     domain_xml(). ``start=False`` defines a persistent guest that is not
     running (shut off). ``named_freely``: a name without the prefix (OpenNebula's
     ``one-<ID>``), allowed only if no domain has it yet; the lab's registry then
-    marks it as the lab's, for destroy_guest() and ``down``. Returns the tap
+    marks it as the lab's, for destroy_guest() and ``down``. ``uri``: the
+    read-write URI of the host to create it on (lab_hosts). Returns the tap
     device name."""
     if not name.startswith(prefix()) and not named_freely:
         raise ValueError(f"lab guest names must start with {prefix()!r}: {name!r}")
-    if named_freely and not is_lab_guest(name) and _domain_exists(name):
+    if named_freely and not is_lab_guest(name) and _domain_exists(name, uri):
         raise LabError(f"a domain named {name!r} exists and is not the lab's")
     nic_dev = nic_dev or default_nic_dev(name)
     if not (0 < len(nic_dev.encode()) <= 15):
@@ -269,7 +272,7 @@ def create_guest(
         args = ["create" if start else "define", os.fspath(xml_path)]
         if start and not busy:
             args.append("--paused")
-        cp = virsh(*args, check=False)
+        cp = virsh(*args, check=False, uri=uri)
         if cp.returncode != 0:
             cleanup_guest_files(name)
             raise LabError(f"virsh {args[0]} {name!r} failed: {cp.stderr.strip()}")
@@ -303,21 +306,21 @@ def cleanup_guest_files(name: str) -> None:
     reg.unlink(missing_ok=True)
 
 
-def _domain_exists(name: str) -> bool:
-    return virsh("domstate", name, check=False).returncode == 0
+def _domain_exists(name: str, uri: str = LIBVIRT_URI) -> bool:
+    return virsh("domstate", name, check=False, uri=uri).returncode == 0
 
 
-def destroy_guest(name: str) -> None:
-    """Destroy (and undefine, if persistent) one lab guest and remove the
-    files the lab made for it. Refuses names without the lab prefix."""
+def destroy_guest(name: str, uri: str = LIBVIRT_URI) -> None:
+    """Destroy (and undefine, if persistent) one lab guest on ``uri`` and remove
+    the files the lab made for it. Refuses names without the lab prefix."""
     if not is_lab_guest(name):
         raise ValueError(f"not a lab guest (prefix {prefix()!r}, or made by the lab): {name!r}")
     with locked():
-        if _domain_exists(name):
-            virsh("destroy", name, check=False)
-            if _domain_exists(name):
-                virsh("undefine", name, check=False)
-            if _domain_exists(name):
+        if _domain_exists(name, uri):
+            virsh("destroy", name, check=False, uri=uri)
+            if _domain_exists(name, uri):
+                virsh("undefine", name, check=False, uri=uri)
+            if _domain_exists(name, uri):
                 raise LabError(f"could not remove domain {name!r}")
         cleanup_guest_files(name)
 

@@ -40,7 +40,7 @@ LIBVIRT_URI = "qemu:///system"
 SYSUSERS_FILE = Path(__file__).resolve().parents[2] / "systemd" / "vmtelemetryd.sysusers"
 
 
-def _set_conf(path: Path, settings: dict[str, str]) -> bool:
+def set_conf(path: Path, settings: dict[str, str]) -> bool:
     """Make ``key = value`` lines in a libvirt conf file say what we want:
     comment out any other active setting of the key, append ours. True if changed."""
     text = path.read_text() if path.exists() else ""
@@ -65,12 +65,31 @@ def _set_conf(path: Path, settings: dict[str, str]) -> bool:
     return changed
 
 
-def libvirt_answers(timeout: float = 10) -> bool:
-    cp = run(["virsh", "-c", LIBVIRT_URI, "uri"], check=False, timeout=timeout)
+def libvirt_answers(timeout: float = 10, uri: str = LIBVIRT_URI) -> bool:
+    """Whether a libvirtd answers on ``uri`` within ``timeout`` (a SIGSTOPped
+    one accepts the connection and then never answers)."""
+    try:
+        cp = run(["virsh", "-c", uri, "uri"], check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
     return cp.returncode == 0
 
 
-def _read_pidfile(paths: Sequence[str], comm: str, timeout: float = 15) -> int:
+def pids_here(comm: str) -> list[int]:
+    """PIDs named ``comm`` in this mount namespace: a second host's daemons
+    (lab_hosts) run in namespaces of their own and must not count as ours."""
+    here = os.readlink("/proc/self/ns/mnt")
+    out = []
+    for pid in pids_named(comm):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/ns/mnt") == here:
+                out.append(pid)
+    return out
+
+
+def read_pidfile(paths: Sequence[str], comm: str, timeout: float = 15, guess: bool = True) -> int:
+    """The PID a daemon wrote to one of ``paths``; with ``guess``, the only
+    process of that name here if it wrote none."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in paths:
@@ -79,7 +98,7 @@ def _read_pidfile(paths: Sequence[str], comm: str, timeout: float = 15) -> int:
                 if proc_comm(pid) == comm and proc_start(pid):
                     return pid
         time.sleep(0.1)
-    pids = pids_named(comm)
+    pids = pids_here(comm) if guess else []
     if len(pids) == 1:
         return pids[0]
     raise LabError(f"{comm} -d started but no pidfile in {paths}")
@@ -91,14 +110,14 @@ def _start_daemon(comm: str, pidfiles: Sequence[str], extra_env: dict[str, str])
     cp = run([binary, "-d"], check=False, env=env, timeout=60)
     if cp.returncode != 0:
         raise LabError(f"{comm} -d failed: {cp.stdout}{cp.stderr}")
-    pid = _read_pidfile(pidfiles, comm)
+    pid = read_pidfile(pidfiles, comm)
     log(f"started {comm} (pid {pid})")
     return record(pid)
 
 
 def _start_libvirtd(state: dict[str, Any]) -> None:
     """libvirtd -d (and virtlogd -d first, if none runs), until it answers."""
-    if not pids_named("virtlogd"):
+    if not pids_here("virtlogd"):
         state.setdefault("procs", {})["virtlogd"] = _start_daemon(
             "virtlogd", ["/run/virtlogd.pid", "/var/run/virtlogd.pid"], {}
         )
@@ -119,8 +138,8 @@ def _start_libvirtd(state: dict[str, Any]) -> None:
 
 def ensure_libvirtd(state: dict[str, Any]) -> None:
     """A libvirtd answering on qemu:///system; started (with virtlogd) if none runs."""
-    qemu_changed = _set_conf(Path("/etc/libvirt/qemu.conf"), {"user": '"root"', "group": '"root"'})
-    conf_changed = _set_conf(Path("/etc/libvirt/libvirtd.conf"), {"auth_unix_ro": '"none"'})
+    qemu_changed = set_conf(Path("/etc/libvirt/qemu.conf"), {"user": '"root"', "group": '"root"'})
+    conf_changed = set_conf(Path("/etc/libvirt/libvirtd.conf"), {"auth_unix_ro": '"none"'})
     if qemu_changed or conf_changed:
         log("wrote /etc/libvirt/qemu.conf (user/group root) / libvirtd.conf (auth_unix_ro none)")
     for d in ("/var/log/libvirt", "/var/run/libvirt", "/var/log/libvirt/qemu"):
@@ -138,7 +157,7 @@ def ensure_libvirtd(state: dict[str, Any]) -> None:
                     "config; QEMU may not be able to open /dev/kvm until it restarts"
                 )
         return
-    if pids_named("libvirtd"):
+    if pids_here("libvirtd"):
         # someone is starting one right now: give it a moment before starting ours
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -162,18 +181,21 @@ def restart_libvirtd() -> int:
         return int(state["procs"]["libvirtd"]["pid"])
 
 
-def virsh(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return run(["virsh", "-q", "-c", LIBVIRT_URI, *args], check=check, timeout=timeout)
+def virsh(
+    *args: str, check: bool = True, timeout: float = 120, uri: str = LIBVIRT_URI
+) -> subprocess.CompletedProcess[str]:
+    """virsh on ``uri``: the default host's libvirtd, or another host's socket."""
+    return run(["virsh", "-q", "-c", uri, *args], check=check, timeout=timeout)
 
 
-def list_domains() -> dict[str, str]:
-    """Every domain libvirt knows (name -> state word). Names with a newline
-    are not supported."""
-    cp = virsh("list", "--all", "--name")
+def list_domains(uri: str = LIBVIRT_URI) -> dict[str, str]:
+    """Every domain libvirt knows on ``uri`` (name -> state word). Names with a
+    newline are not supported."""
+    cp = virsh("list", "--all", "--name", uri=uri)
     names = [n for n in cp.stdout.split("\n") if n]
     out = {}
     for n in names:
-        st = virsh("domstate", n, check=False)
+        st = virsh("domstate", n, check=False, uri=uri)
         out[n] = st.stdout.strip() if st.returncode == 0 else "gone"
     return out
 

@@ -14,7 +14,9 @@ do the work (see /work/shared/LAB.md for why each piece is the way it is):
 * lab_guests: N paused guests (no OS; KVM when /dev/kvm exists, else TCG) and
   M busy guests (TCG tiny Linux writing vda, reading vdb, pinging on eth0 and
   holding memory), each with one real tap NIC and two qcow2 disks (vda, vdb);
-* lab_database: victoria-metrics on a 127.0.0.1 port, storage in the lab dir.
+* lab_database: victoria-metrics on a 127.0.0.1 port, storage in the lab dir;
+* lab_hosts: further hypervisors (``up(hosts=2)``): a libvirtd each with its own
+  hostname, sockets and paused guests, in a mount + UTS namespace.
 
 Everything lives under ``VMT_LAB_DIR`` (default /var/lib/vmtelemetryd-lab);
 every guest name starts with ``VMT_LAB_PREFIX`` (default ``vmtlab-``). The lab
@@ -61,10 +63,19 @@ from lab_guests import (
     default_nic_dev,
     destroy_guest,
     domain_xml,
-    is_current,
     kvm_available,
     lab_domains,
     wait_busy_ready,
+)
+from lab_hosts import (
+    HOST_GUESTS,
+    HostInfo,
+    ensure_guests,
+    ensure_hosts,
+    host_info,
+    host_pid,
+    hosts_status,
+    stop_hosts,
 )
 from lab_libvirtd import (
     LIBVIRT_URI,
@@ -104,6 +115,7 @@ __all__ = [
     "DISK_SIZE",
     "FLUSH_SERIES",
     "GUEST_MEMORY_MIB",
+    "HOST_GUESTS",
     "INFLUX_DB",
     "INFLUX_TOKEN",
     "INIT_SCRIPT",
@@ -113,6 +125,7 @@ __all__ = [
     "TCG_TB_CACHE_MIB",
     "VIRTIO_MODULES",
     "WRITE_API",
+    "HostInfo",
     "LabError",
     "LabInfo",
     "can_run",
@@ -129,6 +142,7 @@ __all__ = [
     "env_vars",
     "export_raw",
     "flush",
+    "host_pid",
     "influx_url",
     "info",
     "kvm_available",
@@ -155,7 +169,9 @@ DEFAULT_BUSY = 1
 @dataclasses.dataclass(frozen=True)
 class LabInfo:
     """Where the lab's pieces are. ``guests`` is every lab guest made by up()
-    (paused ones first, then busy ones); ``busy_guests`` the booted subset."""
+    on the default host (paused ones first, then busy ones); ``busy_guests``
+    the booted subset. ``hosts``: every hypervisor, hosts[0] the default one
+    (``libvirt_uri``, ``guests``), then those up(hosts=N) added (paused guests)."""
 
     libvirt_uri: str
     influx_url: str
@@ -166,6 +182,7 @@ class LabInfo:
     lab_dir: str
     guests: tuple[str, ...]
     busy_guests: tuple[str, ...]
+    hosts: tuple[HostInfo, ...]
 
     @property
     def paused_guests(self) -> tuple[str, ...]:
@@ -209,28 +226,14 @@ def _guest_names(guests: int, busy: int) -> tuple[list[str], list[str]]:
     )
 
 
-def _ensure_guests(paused_names: Sequence[str], busy_names: Sequence[str]) -> int:
-    """Reuse each guest that runs as create_guest() would make it now; replace
-    the others (unknown to this lab dir, whose wipe took the disks along, or
-    made from an older XML or /init). Returns how many were created."""
-    existing = lab_domains()
-    made = 0
-    for n, busy in [(n, False) for n in paused_names] + [(n, True) for n in busy_names]:
-        st = existing.get(n)
-        # A paused busy guest is made anew: libvirt cannot resume it (see lab_guests).
-        if (st == "running" or (st == "paused" and not busy)) and is_current(n):
-            continue
-        if st is not None:
-            destroy_guest(n)
-        create_guest(n, busy=busy)
-        made += 1
-    return made
-
-
-def up(guests: int = DEFAULT_GUESTS, busy: int = DEFAULT_BUSY) -> LabInfo:
-    """Bring the lab up (idempotent: what runs is reused) and say where it is."""
+def up(guests: int = DEFAULT_GUESTS, busy: int = DEFAULT_BUSY, hosts: int = 1) -> LabInfo:
+    """Bring the lab up (idempotent: what runs is reused) and say where it is.
+    ``hosts`` > 1 also brings up hosts 2..N (lab_hosts), each with HOST_GUESTS
+    paused guests; the default is the machine's one libvirtd alone."""
     if guests < 0 or busy < 0:
         raise ValueError("guest counts must be >= 0")
+    if hosts < 1:
+        raise ValueError("hosts must be >= 1")
     ok, why = can_run()
     if not ok:
         raise LabError(why)
@@ -248,13 +251,14 @@ def up(guests: int = DEFAULT_GUESTS, busy: int = DEFAULT_BUSY) -> LabInfo:
         state = load_state()
 
         paused_names, busy_names = _guest_names(guests, busy)
-        made = _ensure_guests(paused_names, busy_names)
+        made = ensure_guests(paused_names, busy_names)
         if busy_names:
             wait_busy_ready(busy_names)
+        more_hosts, made_there = ensure_hosts(state, hosts)
         extra = sorted(set(lab_domains()) - set(paused_names) - set(busy_names))
         if extra:
             log(f"also running with the lab prefix (left alone): {len(extra)} guest(s)")
-        state["last_up"] = {"guests": guests, "busy": busy}
+        state["last_up"] = {"guests": guests, "busy": busy, "hosts": hosts}
         save_state(state)
         info = LabInfo(
             libvirt_uri=LIBVIRT_URI,
@@ -266,9 +270,11 @@ def up(guests: int = DEFAULT_GUESTS, busy: int = DEFAULT_BUSY) -> LabInfo:
             lab_dir=os.fspath(lab_dir()),
             guests=tuple(paused_names + busy_names),
             busy_guests=tuple(busy_names),
+            hosts=(host_info(1, paused_names + busy_names), *more_hosts),
         )
     log(
-        f"lab up: {guests} paused + {busy} busy guest(s) ({made} created), db {url}, "
+        f"lab up: {guests} paused + {busy} busy guest(s) ({made} created), "
+        f"{hosts - 1} more host(s) ({made_there} guest(s) created there), db {url}, "
         f"in {time.monotonic() - t0:.1f}s"
     )
     return info
@@ -279,6 +285,7 @@ def info() -> LabInfo:
     state = load_state()
     last = state.get("last_up", {"guests": DEFAULT_GUESTS, "busy": DEFAULT_BUSY})
     p, b = _guest_names(last["guests"], last["busy"])
+    hosts = range(2, last.get("hosts", 1) + 1)
     return LabInfo(
         LIBVIRT_URI,
         influx_url(state),
@@ -289,16 +296,19 @@ def info() -> LabInfo:
         os.fspath(lab_dir()),
         tuple(p + b),
         tuple(b),
+        (host_info(1, p + b), *(host_info(n) for n in hosts)),
     )
 
 
 def down(purge: bool = False) -> None:
     """Remove every guest with the lab prefix, stop what the lab started (by
-    recorded PID) and remove the guests' disks. Other domains stay untouched.
-    ``purge`` also removes the lab dir (database, kernel cache)."""
+    recorded PID: further hosts first) and remove the guests' disks. Other
+    domains stay untouched. ``purge`` also removes the lab dir (database, kernel cache)."""
     t0 = time.monotonic()
     with locked():
         state = load_state()
+        stop_hosts(state)
+        save_state(state)
         have_libvirt = libvirt_answers(timeout=15) if which("virsh") else False
         if have_libvirt:
             for n in sorted(lab_domains()):
@@ -340,6 +350,7 @@ def status() -> dict[str, Any]:
         "db_port": state.get("db_port"),
         "procs": procs,
         "guests": doms,
+        "hosts": hosts_status(state),
     }
 
 
@@ -357,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     u = sub.add_parser("up", help="install, start libvirtd, guests and the database")
     u.add_argument("--guests", type=int, default=DEFAULT_GUESTS, help="paused guests")
     u.add_argument("--busy", type=int, default=DEFAULT_BUSY, help="booted TCG guests")
+    u.add_argument("--hosts", type=int, default=1, help="hypervisors (2: also hv2)")
     sub.add_parser("env", help="print the daemon's configuration for this lab")
     d = sub.add_parser("down", help="remove lab guests, stop what the lab started")
     d.add_argument("--purge", action="store_true", help="also delete the lab dir")
@@ -366,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         if a.verb == "up":
-            up(a.guests, a.busy)
+            up(a.guests, a.busy, a.hosts)
         elif a.verb == "env":
             for k, v in env_vars().items():
                 print(f"{k}={_quote(v)}")
