@@ -236,3 +236,11 @@ def test_a_short_token_is_masked_as_a_word_and_never_inside_one() -> None:
 def test_a_long_token_is_masked_even_inside_a_word() -> None:
     lines = run(f'set_redacted(["{TOKEN}"])\nlog.info("glued", v="x{TOKEN}y")', fd="2")
     assert lines == ["<6>event=glued v=x***y"]
+
+
+def test_a_carriage_return_is_escaped_in_the_journal() -> None:
+    """ssh's error text holds CR LF; journald would show the whole line as a blob."""
+    (line,) = run(
+        'log.error("sample failed", error="@@@@\\r\\nHost key verification failed.")', fd="2"
+    )
+    assert "\r" not in line and "\\r" in line and line.startswith("<3>")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import sdnotify
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 class Health:
@@ -22,11 +25,11 @@ class Health:
         self.status_path = status_path
 
     def ready(self, status: str) -> None:
-        self._notify(f"READY=1\nSTATUS={status}")
+        self._notify(f"READY=1\nSTATUS={one_line(status)}")
 
     def status(self, status: str, *, alive: bool) -> None:
         """Each cycle: the summary line, and a watchdog ping only if the cycle did its work."""
-        self._notify(f"STATUS={status}" + ("\nWATCHDOG=1" if alive else ""))
+        self._notify(f"STATUS={one_line(status)}" + ("\nWATCHDOG=1" if alive else ""))
 
     def watchdog(self) -> None:
         self._notify("WATCHDOG=1")
@@ -63,6 +66,12 @@ class Health:
 
     def _notify(self, message: str) -> None:
         self._notifier.notify(message)
+
+
+def one_line(text: str) -> str:
+    """sd_notify splits on newlines: an error's text (ssh's holds CR LF) must neither cut the
+    status short nor smuggle in a line of its own, such as ``WATCHDOG=1``."""
+    return _CONTROL.sub(" ", text).strip()
 
 
 def default_status_path() -> Path | None:

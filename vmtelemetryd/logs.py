@@ -157,6 +157,8 @@ class _Finish:
         if _secrets is not None:
             line = _secrets.sub(_MASK, line)
         if self.syslog_prefix:
+            # logfmt escapes newlines, not CR: journald would file the line as binary.
+            line = line.replace("\r", "\\r")
             return f"<{_priority(method_name)}>{line}"
         return line
 
