@@ -18,9 +18,6 @@ from typing import Any
 
 import libvirt
 
-KEEPALIVE_INTERVAL_S = 5
-KEEPALIVE_COUNT = 3  # 15 s without an answer and the connection counts as closed
-
 EVENT_NAMES: Mapping[int, str] = {
     libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
     libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
@@ -126,8 +123,14 @@ class EventSource:
         self._deliver = deliver
 
     def register(self, conn: Any, host: str) -> None:
-        """Keepalive, close callback, lifecycle and metadata events; again after a reconnect."""
-        conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+        """Close callback, lifecycle and metadata events; again after a reconnect.
+
+        No ``setKeepAlive``: with libvirt 9.0 here, a connection that keepalive
+        closed while calls on it were still waiting (a SIGSTOPped libvirtd, then
+        SIGCONT) crashed the process in ``getAllDomainStats`` (a segfault,
+        reproduced without the rest of the daemon). A hung host is found by the
+        sampler's own timeout on every call instead.
+        """
         conn.registerCloseCallback(self._closed, host)
         conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, host

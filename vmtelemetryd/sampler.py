@@ -171,6 +171,11 @@ class _TimedCaller:
         self._max_stuck = max_stuck
         self._stuck: list[_Call] = []
 
+    @property
+    def lingering(self) -> bool:
+        """Whether a call that timed out is still running."""
+        return any(not c.done.is_set() for c in self._stuck)
+
     def call(self, fn: Callable[[], T], timeout: float, what: str) -> T:
         self._stuck = [c for c in self._stuck if not c.done.is_set()]
         if len(self._stuck) > self._max_stuck:
@@ -269,9 +274,15 @@ class Sampler:
         return self._caller.call(read, self._timeout, "domain XML")
 
     def close(self) -> None:
-        """Forget the connection; the next ``sample()`` opens a new one."""
+        """Forget the connection; the next ``sample()`` opens a new one.
+
+        Never while a timed-out call still runs on it: closing a connection under
+        a call in flight frees it beneath that call (a segfault in libvirt-python,
+        seen here when a SIGSTOPped libvirtd resumed). The lingering call holds
+        the connection, and libvirt-python closes it when the last holder lets go.
+        """
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is not None and not self._caller.lingering:
             with contextlib.suppress(SamplerError, libvirt.libvirtError):
                 self._caller.call(conn.close, self._timeout, "close")
 
