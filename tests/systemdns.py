@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -138,11 +138,21 @@ SCRATCH=/run/vmtns
 mkdir -p "$SCRATCH"
 cp -a "$STAGE/units" "$SCRATCH/units"
 cp -a "$STAGE/etc" "$SCRATCH/etc-add"
+# A socket a test listens on under an overlaid path (a second libvirtd's): overlayfs
+# would hide the listening socket, so the machine's directory is carried over it.
+i=0
+for dir in VMT_SOCKETS; do
+    i=$((i + 1)); mkdir -p "$STAGE/sockets$i"; mount --bind "$dir" "$STAGE/sockets$i"
+done
 for dir in VMT_OVERLAYS; do
     name=$(echo "$dir" | tr / _)
     mkdir -p "$SCRATCH/$name.upper" "$SCRATCH/$name.work"
     mount -t overlay -o "lowerdir=/$dir,upperdir=$SCRATCH/$name.upper,workdir=$SCRATCH/$name.work" \
         "vmtns-$name" "/$dir"
+done
+i=0
+for dir in VMT_SOCKETS; do
+    i=$((i + 1)); mount --move "$STAGE/sockets$i" "$dir"
 done
 if [ -d "$STAGE/libvirt" ]; then
     mkdir -p /run/libvirt
@@ -257,9 +267,12 @@ class SystemdNS:
     package puts them, over an empty tmpfs: the machine's own units stay out of reach.
     """
 
-    def __init__(self, workdir: Path, *, packages: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, *, packages: bool = False, sockets: Sequence[Path] = ()
+    ) -> None:
         self.workdir = workdir
         self.packages = packages
+        self.sockets = tuple(sockets)  # directories of the machine's listening sockets
         self.stage = workdir / "systemdns"
         self.console = self.stage / "console.log"
         self.pid = 0
@@ -296,6 +309,7 @@ class SystemdNS:
             .replace("VMT_TARGET", BOOT_TARGET)
             .replace("VMT_KEEP", " ".join(shlex.quote(str(p)) for p in checkout_paths_under(TMP)))
             .replace("VMT_OVERLAYS", " ".join(self._overlays()))
+            .replace("VMT_SOCKETS", " ".join(shlex.quote(str(p)) for p in self.sockets))
             .replace("VMT_EMPTIED", " ".join(PACKAGE_UNIT_DIRS if self.packages else ()))
             .replace("VMT_UNITS", ":".join(self._unit_path()))
         )
@@ -536,7 +550,9 @@ def checkout_paths_under(top: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def booted_for_test(workdir: Path, *, packages: bool = False) -> Iterator[SystemdNS]:
+def booted_for_test(
+    workdir: Path, *, packages: bool = False, sockets: Sequence[Path] = ()
+) -> Iterator[SystemdNS]:
     """A booted namespace for one test, skipped with the reason where systemd cannot boot.
 
     At the end its journal is saved in ``workdir`` and printed: pytest shows it
@@ -545,7 +561,7 @@ def booted_for_test(workdir: Path, *, packages: bool = False) -> Iterator[System
     reason = cannot_boot_reason()
     if reason:
         pytest.skip(f"systemd cannot boot in a namespace here: {reason}")
-    with SystemdNS(workdir, packages=packages) as booted:
+    with SystemdNS(workdir, packages=packages, sockets=sockets) as booted:
         try:
             yield booted
         finally:
