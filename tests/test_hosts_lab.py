@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import labkit
+import libvirt
 import pytest
 from daemonproc import DaemonProcess, lab_environment
 from fakeinflux import DATABASE, TOKEN, FakeInflux3, serve
@@ -101,3 +102,48 @@ def test_a_hung_host_costs_the_other_no_sample_and_is_sampled_again_after(
         t for t in theirs if stopped + 6 < t < resumed - 1
     ], "samples of the hung host taken while it hung"
     assert final["hosts"][0]["host"] == first.hostname and final["hosts"][1]["host"] == "hv2"
+
+
+def test_events_and_metadata_are_kept_per_host(lab2: Any, tmp_path: Path) -> None:
+    second = lab2.hosts[1]
+    database = FakeInflux3()
+    with serve(database) as url:
+        daemon = DaemonProcess(two_hosts(lab2, tmp_path, url), tmp_path).start()
+        try:
+            daemon.wait_for(lambda s: all(h["vms"] > 0 for h in s["hosts"]), 30, "both hosts")
+            conn = libvirt.open(second.rw_uri)
+            try:
+                guest = conn.lookupByName(second.guests[0])
+                guest.resume()
+                guest.suspend()
+            finally:
+                conn.close()
+            deadline = time.monotonic() + 5
+            while len(events(database, second.guests[0])) < 2:
+                assert time.monotonic() < deadline, database.accepted[-5:]
+                time.sleep(0.1)
+            everyone = {*second.guests, *lab2.hosts[0].guests}
+            while not everyone <= set(infos(database)):  # a few XML reads per poll
+                assert time.monotonic() < deadline + 30, set(infos(database))
+                time.sleep(0.2)
+        finally:
+            assert daemon.stop() == 0, daemon.output()
+    happened = events(database, second.guests[0])
+    assert [(p.tags["host"], p.tags["event"]) for p in happened] == [
+        ("hv2", "resumed"),
+        ("hv2", "suspended"),
+    ]
+    info = infos(database)
+    assert {info[g] for g in second.guests} == {"hv2"}, info
+    assert {info[g] for g in lab2.hosts[0].guests} == {lab2.hosts[0].hostname}, info
+
+
+def events(database: FakeInflux3, vm: str) -> list[Line]:
+    lines = parse_lines("".join(line + "\n" for line in database.accepted))
+    return [p for p in lines if p.measurement == "vm_events" and p.tags["vm"] == vm]
+
+
+def infos(database: FakeInflux3) -> dict[str, str]:
+    """The host tag of each VM's vm_info lines."""
+    lines = parse_lines("".join(line + "\n" for line in database.accepted))
+    return {p.tags["vm"]: p.tags["host"] for p in lines if p.measurement == "vm_info"}
