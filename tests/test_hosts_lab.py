@@ -15,7 +15,7 @@ from typing import Any
 import labkit
 import libvirt
 import pytest
-from daemonproc import DaemonProcess, lab_environment
+from daemonproc import DaemonProcess, lab_environment, run_verb
 from fakeinflux import DATABASE, TOKEN, FakeInflux3, serve
 from lineparse import Line, parse_lines
 
@@ -57,8 +57,8 @@ def test_a_hung_host_costs_the_other_no_sample_and_is_sampled_again_after(
     pid = labkit.host_pid(2)
     database = FakeInflux3()
     with serve(database) as url:
-        daemon = DaemonProcess(two_hosts(lab2, tmp_path, url, LIBVIRT_TIMEOUT="5"), tmp_path)
-        daemon.start()
+        env = two_hosts(lab2, tmp_path, url, LIBVIRT_TIMEOUT="5")
+        daemon = DaemonProcess(env, tmp_path).start()
         try:
             daemon.wait_for(lambda s: all(h["vms"] > 0 for h in s["hosts"]), 30, "both hosts")
             os.kill(pid, signal.SIGSTOP)
@@ -69,6 +69,7 @@ def test_a_hung_host_costs_the_other_no_sample_and_is_sampled_again_after(
                     HANG_S,
                     "the second host reported stuck",
                 )
+                shown = run_verb(env, "status").stdout
                 time.sleep(max(0.0, stopped + HANG_S - time.time()))
             finally:
                 os.kill(pid, signal.SIGCONT)
@@ -102,6 +103,10 @@ def test_a_hung_host_costs_the_other_no_sample_and_is_sampled_again_after(
         t for t in theirs if stopped + 6 < t < resumed - 1
     ], "samples of the hung host taken while it hung"
     assert final["hosts"][0]["host"] == first.hostname and final["hosts"][1]["host"] == "hv2"
+    # `vmtelemetryd status` shows each host under its URI, the hung one as such.
+    section = shown.split(f"host {second.uri}:\n", 1)[1].split("\nhost ", 1)[0]
+    assert "    busy: True" in section or "    last_sample_error: -" not in section, shown
+    assert f"host {first.uri}:\n" in shown, shown
 
 
 def test_events_and_metadata_are_kept_per_host(lab2: Any, tmp_path: Path) -> None:

@@ -198,8 +198,13 @@ def _status(as_json: bool) -> int:
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return EX_OK
+    hosts = report.pop("hosts", [])
     for key in sorted(report):
         print(f"{key}: {_human(key, report[key])}")
+    for host in hosts:  # with several hosts: each one's figures, indented under its URI
+        print(f"host {host.get('uri')}:")
+        for key in sorted(set(host) - {"uri"}):
+            print(f"    {key}: {_human(key, host[key])}")
     return EX_OK
 
 
