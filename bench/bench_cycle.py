@@ -41,7 +41,7 @@ import labkit
 from vmtelemetryd.config import Config, load_config
 from vmtelemetryd.features import Features
 from vmtelemetryd.hostpipeline import HostPipeline
-from vmtelemetryd.lineprotocol import encode
+from vmtelemetryd.lineprotocol import SeriesCache, encode
 from vmtelemetryd.logs import configure_logging
 from vmtelemetryd.model import DISK_FIELDS, NIC_FIELDS, DeviceSample, Sample, VmSample
 from vmtelemetryd.sampler import ACTIVE_ONLY, INACTIVE_ONLY, STATE_ONLY, STATS_FLAGS, STATS_GROUPS
@@ -178,7 +178,7 @@ def pure_rounds(writer: Writer, count: int) -> None:
 
     Every VM carries one metadata tag (METADATA_TAGS=one_name) whose value needs escaping.
     """
-    features = Features(5)
+    features, series = Features(5), SeriesCache()
     tags = {f"uuid-{i}": {"one_name": f"web server {i}"} for i in range(count)}
     costs: dict[str, list[float]] = {"features": [], "encode": [], "submit": []}
     lines: list[str] = []
@@ -189,7 +189,7 @@ def pure_rounds(writer: Writer, count: int) -> None:
         start = time.thread_time()
         derived = features.derive(sample)
         encoded = time.thread_time()
-        lines = encode(sample, derived, tags)
+        lines = encode(sample, derived, tags, series)
         submitted = time.thread_time()
         writer.submit(lines)
         done = time.thread_time()

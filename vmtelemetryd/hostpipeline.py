@@ -15,7 +15,7 @@ import structlog
 
 from vmtelemetryd.events import DomainEvent, MetadataChanged
 from vmtelemetryd.features import Features
-from vmtelemetryd.lineprotocol import encode, encode_info, encode_line
+from vmtelemetryd.lineprotocol import SeriesCache, encode, encode_info, encode_line
 from vmtelemetryd.metadatacache import MetadataCache
 from vmtelemetryd.model import Sample
 from vmtelemetryd.sampler import SamplerError
@@ -29,6 +29,7 @@ class HostPipeline:
     def __init__(self, feature_window: int, cache_ttl: float, poll_interval: float) -> None:
         self.features = Features(feature_window)
         self._metadata = MetadataCache(cache_ttl, poll_interval)
+        self._series = SeriesCache()
         self._states: dict[str, int] = {}
         self.xml_reads = 0
 
@@ -43,7 +44,7 @@ class HostPipeline:
         # Read before encoding: a VM's first points already carry its METADATA_TAGS.
         info = encode_info(sample, self._read_metadata(sample, read_xml))
         tags = self._metadata.tags(metadata_tags)
-        return encode(sample, self.features.derive(sample), tags) + info
+        return encode(sample, self.features.derive(sample), tags, self._series) + info
 
     def on_event(self, notice: DomainEvent | MetadataChanged) -> str | None:
         """The ``vm_events`` line of a lifecycle event; a define or metadata change also
