@@ -214,12 +214,11 @@ def encode_line(
     derived value that happens to be whole (a field keeps its type forever).
     """
     tag_set = _tag_set((escape_key(k), escape_tag(v)) for k, v in sorted(tags.items()))
-    field_set = _field_set(
-        [
-            _int_field(key, value) if type(value) is int else _float_field(key, value)
-            for key, value in fields.items()
-        ]
-    )
+    written = [
+        _int_fields({key: value}) if type(value) is int else _float_fields({key: value})
+        for key, value in fields.items()
+    ]
+    field_set = ",".join(field for field in written if field)
     if not field_set:
         return None
     return f"{escape_measurement(measurement)}{tag_set} {field_set} {ts_ns}"
@@ -265,29 +264,20 @@ def _append(lines: list[str], series: str, field_set: str, ts: int) -> None:
 
 
 def _int_fields(values: Mapping[str, int]) -> str:
-    return _field_set([_int_field(key, value) for key, value in values.items()])
+    """``key=123i,...``, leaving out a value outside int64 (InfluxDB 3 would reject the line).
+
+    One expression per field, no call: it runs for some 50 fields per VM each cycle.
+    """
+    return ",".join(
+        [f"{escape_key(k)}={v}i" for k, v in values.items() if _I64_MIN <= v <= _I64_MAX]
+    )
 
 
 def _float_fields(values: Mapping[str, float]) -> str:
-    return _field_set([_float_field(key, value) for key, value in values.items()])
-
-
-def _field_set(fields: list[str | None]) -> str:
-    return ",".join([field for field in fields if field is not None])
-
-
-def _int_field(key: str, value: int) -> str | None:
-    """``key=123i``; None outside int64, where InfluxDB 3 would reject the whole line."""
-    if _I64_MIN <= value <= _I64_MAX:
-        return f"{escape_key(key)}={value}i"
-    return None
-
-
-def _float_field(key: str, value: float) -> str | None:
-    """``key=12.0``: ``float()`` keeps a whole value a float; None unless finite."""
-    if math.isfinite(value):
-        return f"{escape_key(key)}={float(value)!r}"
-    return None
+    """``key=12.0,...``: ``float()`` keeps a whole value a float; only finite values."""
+    return ",".join(
+        [f"{escape_key(k)}={float(v)!r}" for k, v in values.items() if math.isfinite(v)]
+    )
 
 
 def _totals(vm: VmSample) -> dict[str, int]:
