@@ -60,9 +60,10 @@ def test_an_outage_then_a_sigkill_leaves_one_hole_no_longer_than_the_daemon_was_
             landing_s = time.time() - back
         time.sleep(0.25)
     time.sleep(max(0.0, back + kill_after_s - time.time()))
-    overruns = first.status()["overruns"]
+    last_taken = first.status()
     first.kill()
     killed_ms = time.time() * 1000
+    overruns = last_taken["overruns"]
     second = DaemonProcess(first.env, tmp_path).start()
     try:
         drained = second.wait_for(
@@ -76,12 +77,13 @@ def test_an_outage_then_a_sigkill_leaves_one_hole_no_longer_than_the_daemon_was_
     times = sample_times(first.host, guest)
     assert len(times) == len(set(times)), "a sample was stored twice"
     holes = [(a, b) for a, b in itertools.pairwise(times) if b - a > 1.5 * INTERVAL_S * 1000]
-    at_kill = [hole for hole in holes if hole[0] <= killed_ms <= hole[1]]
-    others = [hole for hole in holes if hole not in at_kill]
-    assert len(at_kill) == 1, (holes, killed_ms)
+    before = max(t for t in times if t < killed_ms)
+    assert any(t > killed_ms for t in times), "nothing of the restarted daemon landed"
+    others = [hole for hole in holes if not hole[0] <= killed_ms <= hole[1]]
     assert len(others) <= overruns + drained["overruns"], (others, overruns)
-    ((before, _),) = at_kill
-    lost_ms = killed_ms - before
+    # What the killed daemon had taken (its last poll before the kill) and not yet put
+    # on disk is what a crash may lose: at most a batch, and the sample being taken.
+    lost_ms = last_taken["last_poll"] * 1000 - before
     assert lost_ms <= (BATCH_S + INTERVAL_S) * 1000 + SLACK_MS, f"{lost_ms:.0f} ms lost at the kill"
 
 
@@ -95,5 +97,6 @@ def test_steady_state_writes_nothing_to_the_spool(lab: Any, tmp_path: Path) -> N
         assert run.stop() == 0, run.output()
     assert status["write_errors"] == 0 and status["spooled"] == 0
     spool = tmp_path / "spool"
-    assert not spool.exists() or list(spool.iterdir()) == [], list(spool.iterdir())
-    assert not (spool / "dead-letters.jsonl").exists()
+    # Only the feature state, saved at the stop for the next start.
+    kept = sorted(p.name for p in spool.iterdir()) if spool.exists() else []
+    assert kept in ([], ["features.state"]), kept
