@@ -84,6 +84,8 @@ def test_an_outage_then_a_sigkill_leaves_one_hole_no_longer_than_the_daemon_was_
     # What the killed daemon had taken (its last poll before the kill) and not yet put
     # on disk is what a crash may lose: at most a batch, and the sample being taken.
     lost_ms = last_taken["last_poll"] * 1000 - before
+    hole_s = (min(t for t in times if t > killed_ms) - before) / 1000
+    print(f"{down_s} s down: landed after {landing_s} s; lost {lost_ms:.0f} ms; hole {hole_s} s")
     assert lost_ms <= (BATCH_S + INTERVAL_S) * 1000 + SLACK_MS, f"{lost_ms:.0f} ms lost at the kill"
 
 
