@@ -9,7 +9,6 @@ changed) is left out rather than written as 0 or as a negative number.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,20 +30,34 @@ DEVICE_RATES: tuple[tuple[str, DeviceKind, str], ...] = (
 
 ANGLE_SUFFIX = "_angle_deg"
 
+_PERCENT = frozenset(PERCENT_FIELDS)
+
 Point = tuple[float, float]
-"""(monotonic seconds, value): one entry of a trend window."""
+"""(monotonic seconds, value): one entry of a trend window, as ``VmHistory`` holds it."""
+
+_Window = tuple[tuple[float, ...], tuple[float, ...]]
+"""A field's trend window: the monotonic seconds of its newest values, and those values."""
 
 Counters = Mapping[str, int]
+
+_Devices = Mapping[DeviceKind, Mapping[str, Counters] | None]
+"""A sample's devices of each kind it reported, by name; None for a kind with a name twice."""
 
 
 @dataclass(slots=True)
 class _VmState:
-    """What one VM instance leaves behind for the next sample."""
+    """What one VM instance leaves behind for the next sample.
+
+    ``devices`` are those of ``last``; ``times`` its newest sample times, which
+    every window that got a value from each of those samples shares.
+    """
 
     instance: int
     monotonic: float
     last: VmSample
-    windows: dict[str, deque[Point]]
+    devices: _Devices
+    times: tuple[float, ...]
+    windows: dict[str, _Window]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +81,10 @@ class Features:
         """Change the trend window (config reload) keeping the newest values already held."""
         self._window = _checked_window(window)
         for state in self._states.values():
+            state.times = state.times[-window:]
             state.windows = {
-                name: deque(points, maxlen=self._window) for name, points in state.windows.items()
+                name: (times[-window:], values[-window:])
+                for name, (times, values) in state.windows.items()
             }
 
     def snapshot(self) -> dict[str, VmHistory]:
@@ -79,7 +94,7 @@ class Features:
                 state.instance,
                 state.monotonic,
                 state.last,
-                {name: tuple(points) for name, points in state.windows.items()},
+                {name: tuple(zip(*window, strict=True)) for name, window in state.windows.items()},
             )
             for uuid, state in self._states.items()
         }
@@ -96,8 +111,13 @@ class Features:
                 history.instance,
                 history.monotonic,
                 history.last,
+                _devices(history.last),
+                (),
                 {
-                    name: deque(points, maxlen=self._window)
+                    name: (
+                        tuple(t for t, _ in points[-self._window :]),
+                        tuple(v for _, v in points[-self._window :]),
+                    )
                     for name, points in history.windows.items()
                 },
             )
@@ -108,37 +128,54 @@ class Features:
         """Features of every VM of ``sample``, by uuid; VMs absent from it are forgotten."""
         states: dict[str, _VmState] = {}
         derived: dict[str, VmFeatures] = {}
+        now = sample.monotonic
         for vm in sample.vms:
+            devices = _devices(vm)
             state = self._states.get(vm.uuid)
             if state is not None and state.instance == vm.instance:
-                values = _values(vm, state.last, sample.monotonic - state.monotonic)
-                windows = state.windows
+                fields = _values(vm, devices, state, now - state.monotonic)
+                before, windows = state.times, state.windows
             else:
-                values = _values(vm, None, 0.0)
-                windows = {}
-            fields = dict(values)
-            fields.update(self._push_and_angle(windows, values, sample.monotonic))
-            states[vm.uuid] = _VmState(vm.instance, sample.monotonic, vm, windows)
+                fields = _values(vm, devices, None, 0.0)
+                before, windows = (), {}
+            times = (*before[1 - self._window :], now)
+            fields.update(self._push_and_angle(windows, fields, before, times))
+            states[vm.uuid] = _VmState(vm.instance, now, vm, devices, times, windows)
             derived[vm.uuid] = VmFeatures(vm.uuid, fields)
         self._states = states
         return derived
 
     def _push_and_angle(
-        self, windows: dict[str, deque[Point]], values: Mapping[str, float], now: float
+        self,
+        windows: dict[str, _Window],
+        values: Mapping[str, float],
+        before: tuple[float, ...],
+        times: tuple[float, ...],
     ) -> dict[str, float]:
         """Append each new value to its window; the angles of the windows now full.
 
+        ``before`` and ``times``: the VM's sample times without and with this one.
+        A window whose times were ``before`` takes ``times`` itself, so the sums
+        over times that a fit needs are taken once per VM rather than per field.
         A field without a value this cycle gets no angle either: repeating the
         previous angle would pass a stale trend off as a current one.
         """
         angles: dict[str, float] = {}
+        full = self._window
+        keep = 1 - full
+        shared: _TimeSums | None = None
         for name, value in values.items():
-            points = windows.get(name)
-            if points is None:
-                points = windows[name] = deque(maxlen=self._window)
-            points.append((now, value))
-            if len(points) == self._window:
-                angle = _angle_deg(points, relative=name not in PERCENT_FIELDS)
+            held_times, held = windows.get(name, ((), ()))
+            window_times = times if held_times == before else (*held_times[keep:], times[-1])
+            window = windows[name] = (window_times, (*held[keep:], value))
+            if len(window_times) == full:
+                if window_times is not times:
+                    sums = _time_sums(window_times)
+                elif shared is None:
+                    sums = shared = _time_sums(times)
+                else:
+                    sums = shared
+                angle = _angle_deg(sums, window[1], name not in _PERCENT)
                 if angle is not None:
                     angles[name + ANGLE_SUFFIX] = angle
         return angles
@@ -150,30 +187,36 @@ def _checked_window(window: int) -> int:
     return window
 
 
-def _values(current: VmSample, previous: VmSample | None, elapsed: float) -> dict[str, float]:
+def _values(
+    current: VmSample, devices: _Devices, previous: _VmState | None, elapsed: float
+) -> dict[str, float]:
     """cpu_pct, mem_used_pct and the device rates that can be computed honestly."""
     values: dict[str, float] = {}
     if previous is not None and elapsed > 0:
-        values.update(_rates(current, previous, elapsed))
+        _add_rates(values, current, devices, previous, elapsed)
     mem_used = _mem_used_pct(current.metrics)
     if mem_used is not None:
         values["mem_used_pct"] = mem_used
     return values
 
 
-def _rates(current: VmSample, previous: VmSample, elapsed: float) -> dict[str, float]:
-    rates: dict[str, float] = {}
+def _add_rates(
+    values: dict[str, float],
+    current: VmSample,
+    devices: _Devices,
+    previous: _VmState,
+    elapsed: float,
+) -> None:
     for name, counter in (("cpu_pct", "cpu_time_ns"), ("cpu_steal_pct", "cpu_delay_ns")):
-        share = _vcpu_share_pct(current.metrics, previous.metrics, counter, elapsed)
+        share = _vcpu_share_pct(current.metrics, previous.last.metrics, counter, elapsed)
         if share is not None:
-            rates[name] = share
-    matched = {kind: _matched_devices(current, previous, kind) for kind in ("nic", "disk")}
+            values[name] = share
+    matched = {kind: _matched(devices, previous.devices, kind) for kind in ("nic", "disk")}
     for name, kind, counter in DEVICE_RATES:
         pairs = matched[kind]
-        delta = None if pairs is None else _summed_delta(pairs, counter)
+        delta = None if pairs is None else _growth(pairs, counter)
         if delta is not None:
-            rates[name] = delta / elapsed
-    return rates
+            values[name] = delta / elapsed
 
 
 def _vcpu_share_pct(
@@ -182,7 +225,7 @@ def _vcpu_share_pct(
     """A nanosecond counter's growth as a percent of the vCPUs the VM has now: CPU time
     used (cpu_pct, 100 = all busy) or time waited for a host CPU (cpu_steal_pct)."""
     vcpus = current.get("vcpus")
-    delta = _delta(current, previous, counter)
+    delta = _growth([(current, previous)], counter)
     if delta is None or vcpus is None or vcpus <= 0:
         return None
     return delta / (elapsed * 1e9 * vcpus) * 100
@@ -196,17 +239,22 @@ def _mem_used_pct(metrics: Counters) -> float | None:
     return 100 * (available - usable) / available
 
 
-def _delta(current: Counters, previous: Counters, key: str) -> int | None:
-    """How much a counter grew; None if either sample lacks it or it went down (reset)."""
-    now = current.get(key)
-    before = previous.get(key)
-    if now is None or before is None or now < before:
-        return None
-    return now - before
+def _devices(vm: VmSample) -> _Devices:
+    """``_Devices`` of ``vm``, grouped once: this sample's rates and the next one's use them."""
+    groups: dict[DeviceKind, dict[str, Counters] | None] = {kind: {} for kind in vm.device_counts}
+    for device in vm.devices:
+        group = groups.get(device.kind)
+        if group is None:
+            continue
+        if device.name in group:
+            groups[device.kind] = None
+        else:
+            group[device.name] = device.counters
+    return groups
 
 
-def _matched_devices(
-    current: VmSample, previous: VmSample, kind: DeviceKind
+def _matched(
+    current: _Devices, previous: _Devices, kind: DeviceKind
 ) -> list[tuple[Counters, Counters]] | None:
     """(current, previous) counters of each device of ``kind``, matched by name.
 
@@ -214,46 +262,51 @@ def _matched_devices(
     named devices: after a hot-plug or unplug a sum over devices would leave
     out one device's traffic and look like a real drop.
     """
-    if kind not in current.device_counts or kind not in previous.device_counts:
+    now = current.get(kind)
+    before = previous.get(kind)
+    if now is None or before is None or now.keys() != before.keys():
         return None
-    now = current.devices_of(kind)
-    before = previous.devices_of(kind)
-    now_by_name = {d.name: d.counters for d in now}
-    before_by_name = {d.name: d.counters for d in before}
-    if (
-        len(now_by_name) != len(now)
-        or len(before_by_name) != len(before)
-        or now_by_name.keys() != before_by_name.keys()
-    ):
-        return None
-    return [(counters, before_by_name[name]) for name, counters in now_by_name.items()]
+    return [(counters, before[name]) for name, counters in now.items()]
 
 
-def _summed_delta(pairs: list[tuple[Counters, Counters]], key: str) -> int | None:
-    """Sum of a counter's growth over devices; None if any device cannot give it."""
+def _growth(pairs: list[tuple[Counters, Counters]], key: str) -> int | None:
+    """How much a counter grew, summed over (current, previous) pairs of a VM or its devices;
+    None if a pair lacks it on either side or it went down (reset)."""
     total = 0
     for current, previous in pairs:
-        delta = _delta(current, previous, key)
-        if delta is None:
+        now = current.get(key)
+        before = previous.get(key)
+        if now is None or before is None or now < before:
             return None
-        total += delta
+        total += now - before
     return total
 
 
-def _angle_deg(points: Sequence[Point], *, relative: bool) -> float | None:
-    """Angle in degrees, in (-90, 90), of the least-squares line through ``points``.
+_TimeSums = tuple[list[float], float, float]
+"""Of a window's times: offsets from the first, their sum, and their spread (Sxx)."""
+
+
+def _angle_deg(sums: _TimeSums, values: Sequence[float], relative: bool) -> float | None:
+    """Angle in degrees, in (-90, 90), of the least-squares line of value on time.
 
     ``relative``: the slope is taken in percent of the window's mean per
     second, so that the angle of a rate does not depend on its magnitude; a
     window whose mean is 0 has angle 0. Otherwise the slope is used as is
-    (percentage points per second). None when the time span is degenerate or
-    the line is vertical to float precision.
+    (percentage points per second). None when all times are equal or the
+    line is vertical to float precision. One pass and no call inside: it runs
+    for every field of every VM every second.
     """
-    fit = _least_squares(points)
-    if fit is None:
+    offsets, sum_t, sxx = sums
+    if sxx <= 0:
         return None
-    slope, mean = fit
+    n = len(values)
+    sum_v = sum_tv = 0.0
+    for i, v in enumerate(values):  # zip(strict=True) would double the loop's cost
+        sum_v += v
+        sum_tv += offsets[i] * v
+    slope = (sum_tv - sum_t * sum_v / n) / sxx
     if relative:
+        mean = sum_v / n
         if mean == 0:
             return 0.0
         slope = 100 * slope / mean
@@ -261,23 +314,13 @@ def _angle_deg(points: Sequence[Point], *, relative: bool) -> float | None:
     return angle if -90 < angle < 90 else None
 
 
-def _least_squares(points: Sequence[Point]) -> tuple[float, float] | None:
-    """(slope, mean value) of the fit of value on time; None if all times are equal.
-
-    Times are taken from the window's first one: monotonic seconds are large
-    and their squares would cancel catastrophically; offsets of a few seconds
-    do not. One pass, as it runs for every field of every VM every second.
-    """
-    n = len(points)
-    t0 = points[0][0]
-    sum_t = sum_v = sum_tt = sum_tv = 0.0
-    for t, v in points:
-        t -= t0
+def _time_sums(times: Sequence[float]) -> _TimeSums:
+    """Offsets are taken from the window's first time: monotonic seconds are large
+    and their squares would cancel catastrophically; offsets of a few seconds do not."""
+    t0 = times[0]
+    offsets = [t - t0 for t in times]
+    sum_t = sum_tt = 0.0
+    for t in offsets:
         sum_t += t
-        sum_v += v
         sum_tt += t * t
-        sum_tv += t * v
-    sxx = sum_tt - sum_t * sum_t / n
-    if sxx <= 0:
-        return None
-    return (sum_tv - sum_t * sum_v / n) / sxx, sum_v / n
+    return offsets, sum_t, sum_tt - sum_t * sum_t / len(times)
