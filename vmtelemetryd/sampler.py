@@ -10,6 +10,7 @@ queued behind it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 import zlib
@@ -126,25 +127,42 @@ def _vcpu_delay_ns(stats: Mapping[str, Any]) -> int | None:
     None unless every vCPU that reports its run time also reports its delay:
     a sum over fewer vCPUs than last time would look like a drop.
     """
-    timed = [n for n in range(int(stats.get("vcpu.maximum", 0))) if f"vcpu.{n}.time" in stats]
-    if not timed or any(f"vcpu.{n}.delay" not in stats for n in timed):
+    maximum = int(stats.get("vcpu.maximum", 0))
+    timed = [delay_key for run_key, delay_key in _vcpu_keys(maximum) if run_key in stats]
+    if not timed or any(key not in stats for key in timed):
         return None
-    return sum(int(stats[f"vcpu.{n}.delay"]) for n in timed)
+    return sum(int(stats[key]) for key in timed)
+
+
+@functools.lru_cache(maxsize=64)
+def _vcpu_keys(maximum: int) -> tuple[tuple[str, str], ...]:
+    """``(vcpu.N.time, vcpu.N.delay)`` for N below ``maximum``: the strings are made once,
+    not for every vCPU of every domain each cycle; one entry per vCPU count seen."""
+    return tuple((f"vcpu.{n}.time", f"vcpu.{n}.delay") for n in range(maximum))
 
 
 def _parse_devices(
     kind: DeviceKind, prefix: str, count: int, stats: Mapping[str, Any]
 ) -> list[DeviceSample]:
     devices = []
-    keys = DEVICE_KEYS[kind]
     for index in range(count):
-        head = f"{prefix}.{index}."
-        name = stats.get(head + "name")
+        name_key, keys = _device_keys(prefix, index, kind)
+        name = stats.get(name_key)
         if not name:
             continue
-        counters = {f: int(stats[head + k]) for k, f in keys.items() if head + k in stats}
+        counters = {f: int(stats[k]) for k, f in keys if k in stats}
         devices.append(DeviceSample(kind=kind, name=str(name), counters=counters))
     return devices
+
+
+@functools.lru_cache(maxsize=1024)
+def _device_keys(
+    prefix: str, index: int, kind: DeviceKind
+) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """libvirt's key of a device's name, and (key, field) of each of its counters: made
+    once per device index seen, not for every counter of every device each cycle."""
+    head = f"{prefix}.{index}."
+    return head + "name", tuple((head + k, f) for k, f in DEVICE_KEYS[kind].items())
 
 
 @dataclass
