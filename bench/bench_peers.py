@@ -30,7 +30,6 @@ was restarted is measured again. About 3 minutes with the defaults.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shutil
@@ -41,27 +40,30 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "lab"))
-
-import labkit
+from benchkit import (
+    TICK_MS,
+    WARMUP_S,
+    Collector,
+    DaemonRun,
+    active_domains,
+    clean_env,
+    extra_guests,
+    idle_libvirtd,
+    labkit,
+    loadavg,
+    pids_running,
+    run_window,
+    stop_pid,
+    wait_for_quiet,
+)
 
 from vmtelemetryd.sampler import ACTIVE_ONLY, STATS_FLAGS, STATS_GROUPS
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-TICK_MS = 1000 / CLK_TCK
-WARMUP_S = 3.0
-READY_TIMEOUT_S = 60.0
 IDLE_MAX_S = 10.0
-RETRIES = 2
-LIBVIRTD_SETTLE_S = 30.0
-PYTEST_POLL_S = 20.0
 # collectd reads running guests only, and the default lab runs one: boot a few
 # more (tiny TCG Linux, ~7 s each to come up) so that its figures are per VM too
 DEFAULT_EXTRA_BUSY = 3
@@ -115,89 +117,6 @@ LoadPlugin virt
   HostnameFormat name
 {extra}</Plugin>
 """
-
-
-class BenchError(RuntimeError):
-    """A collector could not be run or measured."""
-
-
-# --------------------------------------------------------------------------- /proc
-
-
-def proc_stat(pid: int) -> list[str]:
-    """/proc/PID/stat from field 3 (state) on: index 11 is utime, 12 stime, 19 starttime."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    return text[text.rfind(")") + 2 :].split()
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of every thread of ``pid``, dead ones included, in clock ticks."""
-    rest = proc_stat(pid)
-    return int(rest[11]) + int(rest[12])
-
-
-def rss_kib(pid: int) -> int:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def pids_running(exe: str) -> dict[int, str]:
-    """PID -> start time of every live process whose executable is ``exe``."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError):
-            if os.readlink(f"/proc/{entry}/exe") == exe:
-                rest = proc_stat(int(entry))
-                if rest[0] not in ("Z", "X"):
-                    found[int(entry)] = rest[19]
-    return found
-
-
-def libvirtd_pid() -> int:
-    pids = sorted(pids_running("/usr/sbin/libvirtd"))
-    if len(pids) != 1:
-        raise BenchError(f"expected one libvirtd, found PIDs {pids or 'none'}")
-    return pids[0]
-
-
-def stop_pid(pid: int, start: str, timeout: float = 10) -> None:
-    """SIGTERM (then SIGKILL) one process, if it is still the one that had ``start``."""
-
-    def same() -> bool:
-        with contextlib.suppress(OSError, IndexError):
-            rest = proc_stat(pid)
-            return rest[19] == start and rest[0] not in ("Z", "X")
-        return False
-
-    if not same():
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while same() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if same():
-        os.kill(pid, signal.SIGKILL)
-
-
-def pytest_running() -> list[int]:
-    """PIDs of other processes running ``python -m pytest``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                if b"-m" in argv and b"pytest" in argv and b"python" in argv[0]:
-                    found.append(int(entry))
-    return found
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 # --------------------------------------------------------------------------- packages
@@ -295,79 +214,6 @@ def lp_fields(line: str) -> tuple[str, dict[str, str], list[str]]:
 # --------------------------------------------------------------------------- collectors
 
 
-@dataclass
-class Window:
-    """What one collector cost over its measurement windows (summed over rounds)."""
-
-    seconds: float = 0.0
-    samples: int = 0
-    vms: int = 0
-    own_ticks: int = 0
-    libvirtd_ticks: int = 0
-    rss_kib: int = 0
-
-    def per_vm_sample(self, ticks: int) -> float:
-        return ticks * TICK_MS / max(1, self.samples * self.vms)
-
-
-@dataclass
-class Collector:
-    """One collector: how to start it, when it is warm, and what it read."""
-
-    name: str
-    scratch: Path
-    proc: subprocess.Popen[bytes] | None = None
-    values: int | None = None
-    values_note: str = ""
-    vms_note: str = ""
-    unavailable: str = ""
-    result: Window = field(default_factory=Window)
-
-    def command(self) -> tuple[list[str], dict[str, str]]:
-        raise NotImplementedError
-
-    def ready(self) -> bool:
-        return True
-
-    def tick(self) -> None:
-        """Called once a second during the window."""
-
-    def count(self, t0: float, t1: float) -> tuple[int, int]:
-        """(samples, VMs) this collector took in [t0, t1), from its own output."""
-        raise NotImplementedError
-
-    def count_values(self, vm: str) -> None:
-        """Set ``values``: what this collector emits for ``vm`` in one sample."""
-
-    def start(self) -> None:
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        argv, env = self.command()
-        log = (self.scratch / "stdout.log").open("wb")
-        self.proc = subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def output(self) -> str:
-        return (self.scratch / "stdout.log").read_text(errors="replace")
-
-
-def _clean_env() -> dict[str, str]:
-    """This environment without anything that would make a child talk to a service manager."""
-    drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUNTIME_DIRECTORY", "JOURNAL_STREAM")
-    return {k: v for k, v in os.environ.items() if k not in drop}
-
-
 class Bare(Collector):
     def __init__(self, scratch: Path, uri: str) -> None:
         super().__init__("bare getAllDomainStats", scratch)
@@ -376,7 +222,7 @@ class Bare(Collector):
     def command(self) -> tuple[list[str], dict[str, str]]:
         flags = ACTIVE_ONLY | STATS_FLAGS
         argv = [sys.executable, "-c", BARE_LOOP, self.uri, str(STATS_GROUPS), str(flags)]
-        return argv, _clean_env()
+        return argv, clean_env()
 
     def ready(self) -> bool:
         return self.output().startswith("ready")
@@ -398,49 +244,20 @@ class Bare(Collector):
         self.values_note = "raw libvirt keys"
 
 
-class Vmtelemetryd(Collector):
+class Vmtelemetryd(DaemonRun):
     def __init__(self, scratch: Path, lab: labkit.LabInfo) -> None:
-        super().__init__("vmtelemetryd", scratch)
-        self.lab = lab
-        self.host_tag = f"bench-peers-{uuid.uuid4().hex[:8]}"
-
-    def _env(self, **extra: str) -> dict[str, str]:
-        env = _clean_env() | self.lab.env()
-        env |= {
-            "HOST_TAG": self.host_tag,
-            "SPOOL_DIR": str(self.scratch / "spool"),
-            "POLL_INTERVAL": "1",
-            "DOMAINS_INCLUDE": f"{self.lab.prefix}*",
-            "LOG_LEVEL": "info",
-        }
-        return env | extra
-
-    def _argv(self, verb: str) -> list[str]:
-        config = self.scratch / "empty.env"  # not /etc/vmtelemetryd's, if a machine has one
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.touch()
-        return [sys.executable, "-m", "vmtelemetryd", "--config", str(config), verb]
-
-    def command(self) -> tuple[list[str], dict[str, str]]:
-        return self._argv("run"), self._env()
-
-    def ready(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        time.sleep(2.0)  # let the last batch of the window reach the database
-        super().stop()
-
-    def count(self, t0: float, t1: float) -> tuple[int, int]:
-        series = labkit.query(f'vm_metrics_state{{host="{self.host_tag}"}}')
-        per_vm = [sum(t0 <= ts / 1000 < t1 for ts in s["timestamps"]) for s in series]
-        per_vm = [n for n in per_vm if n]
-        return max(per_vm, default=0), len(per_vm)
+        super().__init__(
+            "vmtelemetryd",
+            scratch,
+            lab,
+            tag="bench-peers",
+            env={"DOMAINS_INCLUDE": f"{lab.prefix}*"},
+        )
 
     def count_values(self, vm: str) -> None:
         cp = subprocess.run(
-            self._argv("once"),
-            env=self._env(DOMAINS_INCLUDE=vm),
+            self.argv("once"),
+            env=self.environment(DOMAINS_INCLUDE=vm),
             capture_output=True,
             text=True,
             timeout=60,
@@ -473,7 +290,7 @@ class Exporter(Collector):
             f"--web.listen-address=127.0.0.1:{self.port}",
             f"--libvirt.uri={self.uri}",
         ]
-        return argv, _clean_env()
+        return argv, clean_env()
 
     def _scrape(self) -> str:
         url = f"http://127.0.0.1:{self.port}/metrics"
@@ -516,7 +333,7 @@ class Collectd(Collector):
         conf = self.scratch / "collectd.conf"
         self.scratch.mkdir(parents=True, exist_ok=True)
         conf.write_text(COLLECTD_CONF.format(base=self.scratch, uri=self.uri, extra=extra))
-        return [COLLECTD_BIN, "-f", "-C", str(conf)], _clean_env()
+        return [COLLECTD_BIN, "-f", "-C", str(conf)], clean_env()
 
     def _rows(self, vm_dir: Path, pattern: str) -> Iterator[tuple[Path, list[str]]]:
         for path in sorted(vm_dir.glob(pattern)):
@@ -565,167 +382,6 @@ def _free_port() -> int:
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def _wait(cond: Callable[[], bool], what: str, proc: subprocess.Popen[bytes] | None) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not cond():
-        if proc is not None and proc.poll() is not None:
-            raise BenchError(f"{what} exited with {proc.returncode} before it was ready")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what} not ready after {READY_TIMEOUT_S:.0f} s")
-        time.sleep(0.2)
-
-
-class Disturbed(BenchError):
-    """Something else loaded libvirtd during a window: measure it again."""
-
-
-def libvirtd_now() -> tuple[int, str]:
-    """The lab's libvirtd: (PID, start time), to tell a restart during a window."""
-    pid = libvirtd_pid()
-    return pid, proc_stat(pid)[19]
-
-
-def libvirt_clients() -> dict[int, str]:
-    """PID -> command of each process connected to libvirtd now (virt-admin), if it can tell."""
-    found: dict[int, str] = {}
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        ids = subprocess.run(
-            ["virt-admin", "srv-clients-list", "libvirtd"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.splitlines()[2:]
-        for client in (row.split()[0] for row in ids if row.strip()):
-            info = subprocess.run(
-                ["virt-admin", "client-info", "libvirtd", client],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            ).stdout
-            if m := re.search(r"unix_process_id\s*:\s*(\d+)", info):
-                pid = int(m.group(1))
-                with contextlib.suppress(OSError):
-                    found[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
-    return found
-
-
-def settle_libvirtd() -> None:
-    """Wait until libvirtd has run LIBVIRTD_SETTLE_S: a fresh one reconnects to every QEMU."""
-    age = float(Path("/proc/uptime").read_text().split()[0])
-    age -= int(proc_stat(libvirtd_pid())[19]) / CLK_TCK
-    if age < LIBVIRTD_SETTLE_S:
-        print(f"libvirtd started {age:.0f} s ago: waiting", file=sys.stderr, flush=True)
-        time.sleep(LIBVIRTD_SETTLE_S - age)
-
-
-def measure(coll: Collector, seconds: float) -> list[str]:
-    """Run ``coll`` alone, warm it up, and add one window's cost to ``coll.result``.
-    Raises Disturbed when a pytest started or libvirtd restarted meanwhile; returns
-    notes about other libvirt clients that were connected around the window."""
-    settle_libvirtd()
-    coll.start()
-    assert coll.proc is not None
-    try:
-        _wait(coll.ready, coll.name, coll.proc)
-        time.sleep(WARMUP_S)
-        if coll.proc.poll() is not None:
-            raise BenchError(f"{coll.name} exited with {coll.proc.returncode}")
-        pid = coll.proc.pid
-        ours = {pid, os.getpid()}
-        others = {p: c for p, c in libvirt_clients().items() if p not in ours}
-        rss = rss_kib(pid)
-        lvd, lvd_start = libvirtd_now()
-        t0, own0, lv0 = time.time(), cpu_ticks(pid), cpu_ticks(lvd)
-        start = time.monotonic()
-        for second in range(1, int(seconds) + 1):
-            coll.tick()
-            rss = max(rss, rss_kib(pid))
-            if tests := pytest_running():
-                raise Disturbed(f"pytest started (PIDs {tests})")
-            time.sleep(max(0.0, start + second - time.monotonic()))
-        t1, own1 = time.time(), cpu_ticks(pid)
-        try:
-            lv1 = cpu_ticks(lvd)
-        except OSError:
-            lv1 = -1
-        if lv1 < 0 or libvirtd_now() != (lvd, lvd_start):
-            raise Disturbed("libvirtd was restarted")
-        rss = max(rss, rss_kib(pid))
-        if coll.proc.poll() is not None:
-            raise BenchError(f"{coll.name} exited with {coll.proc.returncode} during the window")
-        others |= {p: c for p, c in libvirt_clients().items() if p not in ours}
-    finally:
-        coll.stop()
-    samples, vms = coll.count(t0, t1)
-    if not samples:
-        raise BenchError(f"{coll.name} took no sample in the window:\n{coll.output()[-800:]}")
-    res = coll.result
-    if res.vms and res.vms != vms:
-        coll.vms_note = (coll.vms_note + "; " if coll.vms_note else "") + "VM count changed"
-    res.seconds += t1 - t0
-    res.samples += samples
-    res.vms = max(res.vms, vms)
-    res.own_ticks += own1 - own0
-    res.libvirtd_ticks += lv1 - lv0
-    res.rss_kib = max(res.rss_kib, rss)
-    return [f"{coll.name}: other libvirt clients connected: {others}"] if others else []
-
-
-def idle_libvirtd(seconds: float) -> float:
-    """libvirtd's CPU in ms per second with no collector running."""
-    lvd = libvirtd_pid()
-    before, started = cpu_ticks(lvd), time.monotonic()
-    time.sleep(seconds)
-    return (cpu_ticks(lvd) - before) * TICK_MS / (time.monotonic() - started)
-
-
-def wait_for_quiet(max_wait: float) -> str:
-    """Wait (polling every 20 s) until no other pytest runs. Returns a note if one still does."""
-    deadline = time.monotonic() + max_wait
-    while pids := pytest_running():
-        if time.monotonic() > deadline:
-            return f"pytest still running (PIDs {pids}) after waiting {max_wait:.0f} s"
-        print(f"waiting: pytest running (PIDs {pids})", file=sys.stderr, flush=True)
-        time.sleep(PYTEST_POLL_S)
-    return ""
-
-
-@contextlib.contextmanager
-def extra_guests(lab: labkit.LabInfo, busy: int, paused: int) -> Iterator[list[str]]:
-    """Extra lab guests for this run only, destroyed on the way out."""
-    tag = uuid.uuid4().hex[:4]
-    made: list[str] = []
-    try:
-        for kind, count in (("busy", busy), ("paused", paused)):
-            for i in range(1, count + 1):
-                name = f"{lab.prefix}peers-{tag}-{kind}-{i}"
-                made.append(name)
-                labkit.create_guest(name, busy=kind == "busy")
-        booted = [n for n in made if "-busy-" in n]
-        if booted:
-            print(f"booting {len(booted)} extra busy guest(s)", file=sys.stderr, flush=True)
-            labkit.wait_busy_ready(booted)
-        yield made
-    finally:
-        for name in made:
-            with contextlib.suppress(labkit.LabError, ValueError):
-                labkit.destroy_guest(name)
-
-
-def active_domains(uri: str) -> dict[str, int]:
-    """Active domain name -> state (libvirt.VIR_DOMAIN_*)."""
-    conn = libvirt.openReadOnly(uri)
-    try:
-        return {
-            d.name(): d.state()[0]
-            for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        }
-    finally:
-        conn.close()
 
 
 # --------------------------------------------------------------------------- report
@@ -778,25 +434,6 @@ def report(colls: list[Collector], conditions: list[str], notes: list[str]) -> N
             print(f"  {c.name}: {'; '.join(details)}")
     for note in notes:
         print(f"  {note}")
-
-
-def run_window(coll: Collector, seconds: float, rnd: int, max_wait: float) -> list[str]:
-    """One window of ``coll``, measured again (up to RETRIES times) if it was disturbed."""
-    notes: list[str] = []
-    for attempt in range(1 + RETRIES):
-        if note := wait_for_quiet(max_wait):
-            notes.append(f"{coll.name}: {note}")
-        print(f"round {rnd}: {coll.name} for {seconds:g} s", file=sys.stderr, flush=True)
-        try:
-            return notes + measure(coll, seconds)
-        except Disturbed as exc:
-            print(f"  disturbed ({exc}): again", file=sys.stderr, flush=True)
-            if attempt == RETRIES:
-                coll.unavailable = f"disturbed {RETRIES + 1} times, last: {exc}"
-        except (BenchError, OSError, labkit.LabError) as exc:
-            coll.unavailable = str(exc).splitlines()[0]
-            break
-    return notes
 
 
 def main(argv: list[str] | None = None) -> int:
