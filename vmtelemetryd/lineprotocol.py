@@ -218,7 +218,7 @@ def encode_line(
         _int_fields({key: value}) if type(value) is int else _float_fields({key: value})
         for key, value in fields.items()
     ]
-    field_set = ",".join(field for field in written if field)
+    field_set = ",".join(text for text in written if text)
     if not field_set:
         return None
     return f"{escape_measurement(measurement)}{tag_set} {field_set} {ts_ns}"
