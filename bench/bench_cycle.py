@@ -12,10 +12,11 @@ time (every thread: the shares' and libvirt calls' threads included):
   Its deliveries (gzip, HTTP: bench_write.py) run on its own threads about
   once a second, in whichever round is running; the medians leave them out.
 
-It first waits for other sessions' guests to be gone (``vmtlab-bench*`` or
-any other domain: they would load libvirtd under both), measures with the
-lab's own guests, then with ``--guests`` in all: extra paused guests
-``vmtlab-cyc-N``, created for it and destroyed at the end.
+It first waits for other sessions' guests (``vmtlab-bench*`` or any other
+domain: they would load libvirtd under both) and pytest runs (they count the
+lab's domains) to be gone, measures with the lab's own guests, then with
+``--guests`` in all: extra paused guests ``vmtlab-cyc-N``, created for it
+and destroyed at the end.
 
 Pure part: features, encode and submit timed separately (CPU of the main
 thread only, so the writer thread's deliveries are not counted) for 1000
@@ -154,7 +155,8 @@ def extra_guests(total: int) -> Iterator[None]:
 
 def wait_for_other_bench() -> None:
     """Another session's guests (``vmtlab-bench*``, or any domain that is neither the lab's
-    own nor ours) would load libvirtd under both benchmarks: wait until they are gone."""
+    own nor ours) would load libvirtd under both benchmarks, and a pytest run counts the
+    lab's domains that ours would add: wait until both are gone."""
     lab = labkit.info()
     deadline = time.monotonic() + WAIT_MAX_S
     while True:
@@ -163,12 +165,25 @@ def wait_for_other_bench() -> None:
             for name in labkit.list_domains()
             if name not in lab.guests and not name.startswith(lab.prefix + EXTRA_PREFIX)
         ]
-        if not others:
+        tests = pytest_runs()
+        if not others and not tests:
             return
         if time.monotonic() > deadline:
-            raise SystemExit(f"{len(others)} other domains still there after {WAIT_MAX_S} s")
-        print(f"waiting for {len(others)} other domains to go, e.g. {others[0]}", file=sys.stderr)
+            raise SystemExit(
+                f"{len(others)} other domains, {len(tests)} pytest runs after {WAIT_MAX_S} s"
+            )
+        print(f"waiting for {len(others)} other domains, {len(tests)} pytest runs", file=sys.stderr)
         time.sleep(WAIT_POLL_S)
+
+
+def pytest_runs() -> list[int]:
+    """PIDs of the processes whose command line holds ``pytest``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and b"pytest" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+    return pids
 
 
 def synthetic_vm(i: int, t: int) -> VmSample:
