@@ -155,7 +155,10 @@ class Daemon:
         sample = answer.sample
         lines = host.pipeline.lines(sample, host.sampler.domain_xml, self.config.metadata_tags)
         vms, share_error = len(sample.vms), host.sampler.share_error
-        host.last = HostReport(answer.uri, sample.host, wall, answer.duration_s, vms, share_error)
+        # When the poll ended, from the sample's own stamp: last_poll - duration is the
+        # sample's time, however long the answer waited for the main loop.
+        done = sample.wall_ns / 1e9 + answer.duration_s
+        host.last = HostReport(answer.uri, sample.host, done, answer.duration_s, vms, share_error)
         own = self._own_metrics(sample, host)
         return lines + ([own] if own is not None else [])
 
