@@ -77,8 +77,9 @@ class MetadataCache:
             entry.read_at = -math.inf
 
     def keep_only(self, uuids: Collection[str]) -> None:
-        """Forget the domains that are gone."""
-        self._entries = {u: e for u, e in self._entries.items() if u in uuids}
+        """Forget the domains that are gone (a set: the check runs for every entry)."""
+        present = set(uuids)
+        self._entries = {u: e for u, e in self._entries.items() if u in present}
 
     def keys(self, uuid: str) -> Mapping[str, str] | None:
         entry = self._entries.get(uuid)

@@ -271,8 +271,9 @@ class Sampler:
         except libvirt.libvirtError as exc:
             self.close()
             raise SamplerError(f"libvirt stats request failed: {exc.get_error_message()}") from exc
-        self._handles = {dom.UUIDString(): dom for dom, _ in pairs}
-        vms = tuple(parse_vm(dom.name(), dom.UUIDString(), dom.ID(), stats) for dom, stats in pairs)
+        named = [(dom.UUIDString(), dom, stats) for dom, stats in pairs]
+        self._handles = {uuid: dom for uuid, dom, _ in named}
+        vms = tuple(parse_vm(dom.name(), uuid, dom.ID(), stats) for uuid, dom, stats in named)
         return Sample(host=self._host, wall_ns=wall_ns, monotonic=monotonic, vms=vms)
 
     def domain_xml(self, uuids: Sequence[str]) -> dict[str, str]:
