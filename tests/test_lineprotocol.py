@@ -13,8 +13,18 @@ from collections.abc import Mapping
 import pytest
 from lineparse import Line, ParseError, parse
 
-from vmtelemetryd.lineprotocol import REPLACEMENT, encode, encode_line, escape_tag
-from vmtelemetryd.model import DeviceKind, DeviceSample, Sample, VmFeatures, VmSample
+from vmtelemetryd.features import ANGLE_SUFFIX, DEVICE_RATES, PERCENT_FIELDS
+from vmtelemetryd.lineprotocol import REPLACEMENT, encode, encode_line, escape_key, escape_tag
+from vmtelemetryd.model import (
+    DEVICE_FIELDS,
+    TOTAL_PREFIX,
+    VM_METRIC_FIELDS,
+    DeviceKind,
+    DeviceSample,
+    Sample,
+    VmFeatures,
+    VmSample,
+)
 
 # --- how VictoriaMetrics and Go read the series key ---------------------------
 
@@ -325,6 +335,21 @@ def test_totals_of_a_kind_the_vm_has_none_of_are_zero() -> None:
     assert totals["disks"] == 0
     assert totals["disk_rd_bytes"] == 0
     assert not any(name.startswith("net_") for name in totals)
+
+
+def test_every_schema_field_name_needs_no_escape() -> None:
+    """encode() writes field keys as they are: it relies on this."""
+    derived = (*PERCENT_FIELDS, *(name for name, _, _ in DEVICE_RATES))
+    names = [
+        *VM_METRIC_FIELDS,
+        *(name for fields in DEVICE_FIELDS.values() for name in fields),
+        *(TOTAL_PREFIX[kind] + name for kind, fields in DEVICE_FIELDS.items() for name in fields),
+        "nics",
+        "disks",
+        *derived,
+        *(name + ANGLE_SUFFIX for name in derived),
+    ]
+    assert [name for name in names if escape_key(name) != name] == []
 
 
 def test_numbers_that_cannot_be_written_are_left_out() -> None:
