@@ -42,7 +42,7 @@ from bench_cycle import bench_config
 from benchkit import TICK_MS, cpu_ticks, labkit, loadavg
 
 from vmtelemetryd.config import Config
-from vmtelemetryd.hostsampler import HostSampler
+from vmtelemetryd.hostsampler import AUTO_RULE, HostSampler
 from vmtelemetryd.logs import configure_logging
 from vmtelemetryd.sampler import ACTIVE_ONLY, STATS_FLAGS, STATS_GROUPS
 from vmtelemetryd.stages import open_host
@@ -163,7 +163,7 @@ def report(rows: dict[str, list[Measure]], chose: int, rounds: int) -> None:
 
     vms = statistics.median(m[2] for m in rows[BARE])
     print(f"{vms:.0f} running domains, {rounds} interleaved rounds at 1 s ticks; medians (min-max)")
-    print(f"auto chose {chose} shard(s) (ceil(domains/25), at most 8)")
+    print(f"auto chose {chose} shard(s) (hostsampler.py: {AUTO_RULE})")
     print(f"{'':18}{'wall ms':>20}{'host CPU ms':>22}{'host CPU ms/VM-sample':>24}")
     per_vm: dict[str, float] = {}
     wall: dict[str, float] = {}

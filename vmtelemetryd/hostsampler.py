@@ -7,12 +7,11 @@ request 240-258 ms, four shares 144-172 ms on two CPUs). Each share is a
 ``Sampler``: its own timeout, NOWAIT and reconnects, so that a domain whose
 monitor hangs stalls only its own share. ``auto`` keeps one share (the plain
 ``getAllDomainStats``) while a host has few domains, where a second
-connection and thread would cost more than they save.
+connection and thread would cost more than they save (``auto_shards``).
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,10 +19,22 @@ from typing import Any
 from vmtelemetryd.model import Sample
 from vmtelemetryd.sampler import Sampler, SamplerError, SamplerStuck
 
-# bench/bench_shards.py, 200 paused guests on two CPUs, medians against one bare call:
-# 4 shares 0.60x its wall time at 1.04x its host CPU; 8 shares 0.57-0.59x at 1.14-1.16x.
 AUTO_DOMAINS_PER_SHARD = 50
 AUTO_MAX_SHARDS = 4
+AUTO_RULE = f"one share per full {AUTO_DOMAINS_PER_SHARD} domains, at most {AUTO_MAX_SHARDS}"
+
+
+def auto_shards(domains: int) -> int:
+    """``STATS_SHARDS=auto`` for a host with ``domains`` domains, from what the lab measured.
+
+    bench/bench_shards.py, 200 paused guests on two CPUs, against one bare call:
+    4 shares 0.60x its wall time at 1.04x its host CPU; 8 shares 0.57-0.59x at
+    1.14-1.16x. bench/bench_cycle.py, 60 guests: one request 228 ms, a quarter
+    of a 1 s interval, at 0.087 ms of the daemon's own CPU per VM-sample; two
+    shares 181 ms at 0.110 ms. Below 100 domains a share saves little time and
+    costs a quarter more of our own CPU.
+    """
+    return max(1, min(AUTO_MAX_SHARDS, domains // AUTO_DOMAINS_PER_SHARD))
 
 
 class HostSampler:
@@ -112,7 +123,7 @@ class HostSampler:
     def _wanted(self) -> int:
         if self._fixed is not None:
             return self._fixed
-        return max(1, min(AUTO_MAX_SHARDS, math.ceil(self._domains / AUTO_DOMAINS_PER_SHARD)))
+        return auto_shards(self._domains)
 
     def _resize(self, count: int) -> None:
         """Keep the connections that exist (new shares of the same hosts), open or close the rest.
