@@ -10,8 +10,11 @@ time (every thread: the shares' and libvirt calls' threads included):
   and with one share: ``HostSampler.sample()``
   (from ``stages.open_hosts``: shares, parsing), ``HostPipeline.lines`` and
   ``Writer.submit`` to a started writer that delivers to the lab database.
-  Its deliveries (gzip, HTTP: bench_write.py) run on its own threads about
-  once a second, in whichever round is running; the medians leave them out.
+  Its deliveries (gzip, HTTP: bench_write.py) run between the timed runs:
+  each starts once the writer holds no line (``BATCH_MAX_SEC`` 0.05 here).
+
+Then the whole ``vmtelemetryd run`` process, deliveries, metadata and
+status included, for one window with ``auto`` and one with one share.
 
 It first waits for other sessions' guests (``vmtlab-bench*`` or any other
 domain: they would load libvirtd under both) and pytest runs (they count the
@@ -38,10 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import libvirt
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "lab"))
-
-import labkit
+from benchkit import DaemonRun, labkit, run_window
 
 from vmtelemetryd.config import Config, load_config
 from vmtelemetryd.features import Features
@@ -66,6 +66,8 @@ HOST_TAG = "bench-cycle"
 EXTRA_PREFIX = "cyc-"
 WAIT_POLL_S = 30
 WAIT_MAX_S = 20 * 60
+DAEMON_WINDOW_S = 40
+BATCH_MAX_SEC = 0.05  # the in-process writer delivers between the timed runs
 
 Timing = tuple[float, float]  # (wall ms, CPU ms)
 
@@ -89,6 +91,7 @@ def bench_config(spool_dir: Path, uri: str) -> Config:
         "INFLUX_WRITE_API": lab.write_api,
         "HOST_TAG": HOST_TAG,
         "SPOOL_DIR": str(spool_dir / "spool"),
+        "BATCH_MAX_SEC": str(BATCH_MAX_SEC),
     }
     return load_config(env_file, environ)
 
@@ -128,6 +131,8 @@ def lab_rounds(config: Config, writer: Writer) -> None:
     rows: dict[str, list[Timing]] = {name: [] for name in runs}
     for _ in range(ROUNDS):
         for name, run in runs.items():
+            while writer.status().queued:  # its deliveries would count as this run's CPU
+                time.sleep(0.01)
             rows[name].append(timed(run))
     shards = hosts[0].shards
     for host in hosts:
@@ -150,6 +155,30 @@ def lab_rounds(config: Config, writer: Writer) -> None:
         f"{cycle_cpu - bare_cpu:.3f} ms above the bare requests"
     )
     print_memory()
+
+
+def daemon_processes(scratch: Path) -> None:
+    """The whole ``vmtelemetryd run`` process, with ``STATS_SHARDS=auto`` and with 1, one
+    window each (benchkit): all of its CPU per VM-sample (sampling, metadata, features,
+    encoding, delivery, status), the lab libvirtd's, and its largest RSS and RssAnon."""
+    print(f"vmtelemetryd run, one {DAEMON_WINDOW_S} s window each, one after the other")
+    print(f"{'':28}{'own CPU ms/VM':>16}{'libvirtd ms/VM':>16}{'RSS MiB':>10}{'RssAnon':>10}")
+    for name, settings in (("auto", {}), ("1 share", {"STATS_SHARDS": "1"})):
+        run = DaemonRun(
+            f"daemon, {name}",
+            scratch / name.replace(" ", "-"),
+            labkit.info(),
+            tag=HOST_TAG,
+            env=settings,
+        )
+        run_window(run, DAEMON_WINDOW_S, 1, WAIT_MAX_S)
+        w = run.result
+        print(
+            f"{'daemon, ' + name + f' ({w.vms} VMs)':<28}{w.per_vm_sample(w.own_ticks):>16.3f}"
+            f"{w.per_vm_sample(w.libvirtd_ticks):>16.3f}{w.rss_kib / 1024:>10.1f}"
+            f"{w.anon_kib / 1024:>10.1f}"
+        )
+    print()
 
 
 @contextlib.contextmanager
@@ -280,8 +309,10 @@ def main() -> None:
             if not args.pure_only:
                 wait_for_other_bench()
                 lab_rounds(config, writer)
+                daemon_processes(Path(scratch) / "lab")
                 with extra_guests(args.guests):
                     lab_rounds(config, writer)
+                    daemon_processes(Path(scratch) / "more")
             pure_rounds(writer, PURE_VMS)
         finally:
             writer.stop(10)

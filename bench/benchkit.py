@@ -62,12 +62,19 @@ def cpu_ticks(pid: int) -> int:
     return int(rest[11]) + int(rest[12])
 
 
-def rss_kib(pid: int) -> int:
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon): all resident memory, and what the process itself allocated
+    (without the file-backed pages of its shared libraries); (0, 0) once it is gone."""
     with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        return int(fields["VmRSS"].split()[0]), int(fields["RssAnon"].split()[0])
+    return 0, 0
+
+
+def _larger(seen: tuple[int, int], now: tuple[int, int]) -> tuple[int, int]:
+    return max(seen[0], now[0]), max(seen[1], now[1])
 
 
 def alive(pid: int) -> bool:
@@ -150,6 +157,7 @@ class Window:
     own_ticks: int = 0
     libvirtd_ticks: int = 0
     rss_kib: int = 0
+    anon_kib: int = 0
     companion_ticks: dict[str, int] = field(default_factory=dict)
     spans: list[tuple[float, float]] = field(default_factory=list)
 
@@ -166,6 +174,7 @@ class Window:
         self.own_ticks += other.own_ticks
         self.libvirtd_ticks += other.libvirtd_ticks
         self.rss_kib = max(self.rss_kib, other.rss_kib)
+        self.anon_kib = max(self.anon_kib, other.anon_kib)
         for name, ticks in other.companion_ticks.items():
             self.companion_ticks[name] = self.companion_ticks.get(name, 0) + ticks
         self.spans += other.spans
@@ -383,14 +392,14 @@ def measure(coll: Collector, seconds: float, alone: bool = False) -> list[str]:
         others = {p: c for p, c in libvirt_clients().items() if p not in ours}
         if alone and others:
             raise Disturbed(f"other libvirt clients connected: {others}")
-        rss = rss_kib(pid)
+        rss, anon = memory_kib(pid)
         lvd, lvd_start = libvirtd_now()
         t0, own0, lv0 = time.time(), cpu_ticks(pid), cpu_ticks(lvd)
         side0 = {name: cpu_ticks(p) for name, p in companions.items()}
         start = time.monotonic()
         for second in range(1, int(seconds) + 1):
             coll.tick()
-            rss = max(rss, rss_kib(pid))
+            rss, anon = _larger((rss, anon), memory_kib(pid))
             if tests := pytest_running():
                 raise Disturbed(f"pytest started (PIDs {tests})")
             time.sleep(max(0.0, start + second - time.monotonic()))
@@ -402,7 +411,7 @@ def measure(coll: Collector, seconds: float, alone: bool = False) -> list[str]:
             lv1 = -1
         if lv1 < 0 or libvirtd_now() != (lvd, lvd_start):
             raise Disturbed("libvirtd was restarted")
-        rss = max(rss, rss_kib(pid))
+        rss, anon = _larger((rss, anon), memory_kib(pid))
         if (code := coll.returncode()) is not None:
             raise BenchError(f"{coll.name} exited with {code} during the window")
         others |= {p: c for p, c in libvirt_clients().items() if p not in ours}
@@ -415,7 +424,7 @@ def measure(coll: Collector, seconds: float, alone: bool = False) -> list[str]:
         raise BenchError(f"{coll.name} took no sample in the window:\n{coll.output()[-800:]}")
     if coll.result.vms and coll.result.vms != vms:
         coll.vms_note = (coll.vms_note + "; " if coll.vms_note else "") + "VM count changed"
-    window = Window(t1 - t0, samples, vms, own1 - own0, lv1 - lv0, rss, side, [(t0, t1)])
+    window = Window(t1 - t0, samples, vms, own1 - own0, lv1 - lv0, rss, anon, side, [(t0, t1)])
     coll.windows.append(window)
     coll.result.add(window)
     return [f"{coll.name}: other libvirt clients connected: {others}"] if others else []
