@@ -278,6 +278,20 @@ def test_a_failed_append_counts_none_of_its_lines_as_dropped(tmp_path: Path) -> 
         assert spool.dropped_lines + spool.lines == len(sent)
 
 
+def test_a_failed_append_at_max_bytes_drops_none_of_the_lines_waiting(tmp_path: Path) -> None:
+    sent = [batch(f"vm{n}", 20, width=200) for n in range(12)]  # ~5 KB each, max_bytes 64 KiB
+    with reopened(tmp_path, ONE_SEGMENT_PER_BATCH) as spool:
+        for lines in sent:
+            spool.append(lines)
+        waiting, dropped = spool.lines, spool.dropped_lines
+        assert spool.bytes + 5000 > ONE_SEGMENT_PER_BATCH  # the next append must make room
+        with file_size_limit(1000), pytest.raises(SpoolError, match="File too large"):
+            spool.append(batch("late", 20, width=200))
+        assert (spool.lines, spool.dropped_lines) == (waiting, dropped)
+        flat = [line for lines in sent for line in lines]
+        assert drain(spool) == flat[dropped:]
+
+
 def test_a_line_with_a_newline_is_refused_before_writing(tmp_path: Path) -> None:
     with reopened(tmp_path) as spool:
         with pytest.raises(ValueError):

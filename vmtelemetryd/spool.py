@@ -15,9 +15,11 @@ record ends it and is counted in ``torn_records``. Appends after an open go to
 a new segment: nothing is ever written behind damage. A record that fails its
 check later, when read back, is skipped alone and counted the same way.
 
-Bound: a segment is max_bytes/16 (at most 64 MiB). When an append would pass
-max_bytes, the oldest segments go whole, their waiting lines counted in
-``dropped_lines``; a batch larger than max_bytes keeps its newest records.
+Bound: a segment is max_bytes/16 (at most 64 MiB). When an append takes the
+spool past max_bytes, the oldest segments go whole once it is stored, their
+waiting lines counted in ``dropped_lines``: an append that fails drops
+nothing, and the disk holds one append more than max_bytes for that moment.
+A batch larger than max_bytes keeps its newest records.
 
 Acks overwrite the ack file in place without fsync: a crash may lose the last
 ack, which only re-sends lines (points carry their timestamps). Fully acked
@@ -130,11 +132,13 @@ class Spool:
         self._require_open()
         if not lines:
             return
-        records = self._make_room(encode(lines))
+        records = self._newest_that_fit(encode(lines), self._max_bytes)
         if records:
             self._store(records)
         # Only once stored: after a SpoolError the caller still holds all of ``lines``.
         self._dropped_lines += len(lines) - sum(record.lines for record in records)
+        while len(self._segments) > 1 and self._bytes > self._max_bytes:
+            self._drop_oldest_segment()  # never the one just written to
 
     def peek(self, max_lines: int) -> SpoolBatch | None:
         """The oldest unacknowledged lines, at most ``max_lines``; None when there are none.
@@ -282,12 +286,11 @@ class Spool:
 
     # --- writing and dropping
 
-    def _make_room(self, records: list[Encoded]) -> list[Encoded]:
-        """Drop the oldest segments, then the batch's own oldest records, until it fits."""
+    @staticmethod
+    def _newest_that_fit(records: list[Encoded], max_bytes: int) -> list[Encoded]:
+        """The batch without its oldest records, as many as it takes to fit in max_bytes."""
         needed = sum(len(record.data) for record in records)
-        while self._segments and self._bytes + needed > self._max_bytes:
-            self._drop_oldest_segment()
-        while records and needed > self._max_bytes:
+        while records and needed > max_bytes:
             needed -= len(records.pop(0).data)
         return records
 

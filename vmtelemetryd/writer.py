@@ -266,7 +266,7 @@ class Writer:
             self._spool.append(lines)
         except SpoolError as exc:
             self._spool_failed(exc)
-            lines = []  # still in the queue; making room may have dropped old ones all the same
+            lines = []  # still in the queue, and the spool as it was
         with self._cond:
             for _ in lines:
                 self._queue.popleft()
