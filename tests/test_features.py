@@ -143,7 +143,8 @@ def test_device_rates_are_summed_over_devices_of_a_kind_per_second() -> None:
 
 
 def test_every_value_is_a_float_even_when_whole() -> None:
-    """The encoder writes values as they are: an int would lose the field its float type."""
+    """The encoder writes repr(value): only a float comes out as ``12.0`` (an int as ``12``,
+    which our strict parser refuses, a bool as ``True``)."""
     f = Features(2)
     devices = (nic("vnet0", rx_bytes=0, tx_bytes=0), disk("vda", rd_bytes=0, wr_reqs=0))
     counts: dict[DeviceKind, int] = {"nic": 1, "disk": 1}

@@ -17,7 +17,6 @@ from vmtelemetryd.features import ANGLE_SUFFIX, DEVICE_RATES, PERCENT_FIELDS
 from vmtelemetryd.lineprotocol import REPLACEMENT, encode, encode_line, escape_key, escape_tag
 from vmtelemetryd.model import (
     DEVICE_FIELDS,
-    TOTAL_PREFIX,
     VM_METRIC_FIELDS,
     DeviceKind,
     DeviceSample,
@@ -25,6 +24,7 @@ from vmtelemetryd.model import (
     VmFeatures,
     VmSample,
 )
+from vmtelemetryd.sampler import DEVICE_KEYS, VM_KEYS
 
 # --- how VictoriaMetrics and Go read the series key ---------------------------
 
@@ -338,17 +338,22 @@ def test_totals_of_a_kind_the_vm_has_none_of_are_zero() -> None:
 
 
 def test_every_schema_field_name_needs_no_escape() -> None:
-    """encode() writes field keys as they are: it relies on this."""
+    """encode() writes field keys as they are: it relies on this. The sampler's names
+    must be the schema's, the totals' too."""
+    sampled = {*VM_KEYS.values(), "cpu_delay_ns"}
+    assert sampled == set(VM_METRIC_FIELDS)
+    assert {kind: tuple(keys.values()) for kind, keys in DEVICE_KEYS.items()} == DEVICE_FIELDS
+    vm = VmSample("v", UUID, 1, {}, (), {"nic": 0, "disk": 0})
+    totals = by_measurement(encode(sample(vm), {}))["vm_totals"][0].fields
     derived = (*PERCENT_FIELDS, *(name for name, _, _ in DEVICE_RATES))
     names = [
-        *VM_METRIC_FIELDS,
+        *sampled,
         *(name for fields in DEVICE_FIELDS.values() for name in fields),
-        *(TOTAL_PREFIX[kind] + name for kind, fields in DEVICE_FIELDS.items() for name in fields),
-        "nics",
-        "disks",
+        *totals,
         *derived,
         *(name + ANGLE_SUFFIX for name in derived),
     ]
+    assert len(totals) == 2 + sum(len(fields) for fields in DEVICE_FIELDS.values())
     assert [name for name in names if escape_key(name) != name] == []
 
 
@@ -360,7 +365,7 @@ def test_numbers_that_cannot_be_written_are_left_out() -> None:
     assert parsed["vm_features"][0].fields == {"d": 2.0}
 
 
-def test_derived_values_are_written_as_floats_even_when_whole() -> None:
+def test_derived_values_are_written_in_shortest_repr() -> None:
     features = {UUID: VmFeatures(UUID, {"cpu_pct": 12.0, "big": 1e16, "tiny": 1.5e-7})}
     line = encode(sample(vm()), features)[0]
     assert " cpu_pct=12.0,big=1e+16,tiny=1.5e-07 " in line

@@ -18,7 +18,7 @@ import pytest
 from daemonproc import lab_environment, run_verb
 from lineparse import parse_lines
 
-from vmtelemetryd.hostsampler import HostSampler, auto_shards
+from vmtelemetryd.hostsampler import HostSampler
 
 pytestmark = pytest.mark.lab
 
@@ -55,13 +55,6 @@ def test_three_shares_sample_every_domain_once_with_the_same_values(lab: Any) ->
             assert three[uuid].metrics.keys() == one[uuid].metrics.keys()
             assert three[uuid].devices == one[uuid].devices
             assert three[uuid].metrics["mem_max_kib"] == one[uuid].metrics["mem_max_kib"]
-
-
-@pytest.mark.parametrize(
-    ("domains", "shares"), [(0, 1), (60, 1), (99, 1), (100, 2), (150, 3), (204, 4), (5000, 4)]
-)
-def test_auto_takes_one_share_per_full_50_domains_at_most_4(domains: int, shares: int) -> None:
-    assert auto_shards(domains) == shares
 
 
 def test_auto_keeps_one_share_for_a_few_domains(lab: Any) -> None:

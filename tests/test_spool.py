@@ -268,6 +268,19 @@ def test_a_batch_bigger_than_max_bytes_keeps_its_newest_records(tmp_path: Path) 
         assert drain(spool, 500) == sent[spool.dropped_lines :]
 
 
+def test_a_large_append_after_small_ones_leaves_the_spool_within_max_bytes(
+    tmp_path: Path,
+) -> None:
+    small, large = batch("small", 10, width=200), batch("large", 252, width=200)  # 2.5, 63.5 KB
+    with reopened(tmp_path, ONE_SEGMENT_PER_BATCH) as spool:
+        spool.append(small)
+        spool.append(large)
+        assert spool.bytes <= ONE_SEGMENT_PER_BATCH
+        assert sum(path.stat().st_size for path in segments(tmp_path)) == spool.bytes
+        assert spool.dropped_lines == len(small)
+        assert drain(spool) == large
+
+
 def test_a_failed_append_counts_none_of_its_lines_as_dropped(tmp_path: Path) -> None:
     sent = batch("a", 4000, width=200)  # four times max_bytes: its oldest records cannot stay
     with reopened(tmp_path, 256 * 1024) as spool:
@@ -337,6 +350,27 @@ def test_no_space_left_keeps_what_was_there(tiny_tmpfs: Path) -> None:
     with reopened(directory) as spool:
         assert spool.torn_records == 0
         assert drain(spool, 1000) == kept
+
+
+def test_a_full_disk_at_max_bytes_drops_the_oldest_and_stores_the_newest(
+    tiny_tmpfs: Path,
+) -> None:
+    """The bound would drop the oldest segment after this append anyway: on a full
+    disk it goes first, or nothing could ever be stored again."""
+    sent = [batch(f"vm{n}", 10, width=150) for n in range(12)]  # ~2 KB: a segment each
+    with reopened(tiny_tmpfs / "spool", 24 * 1024) as spool:
+        for lines in sent:
+            spool.append(lines)
+        assert spool.dropped_lines == 0
+        ballast = tiny_tmpfs / "ballast"
+        with ballast.open("wb", buffering=0) as filling, contextlib.suppress(OSError):
+            while True:  # until the disk is full
+                filling.write(b"x" * 512)
+        late = batch("late", 10, width=150)
+        spool.append(late)
+        assert spool.dropped_lines == len(sent[0])
+        ballast.unlink()  # room for the ack file that draining writes
+        assert drain(spool) == [line for lines in sent[1:] for line in lines] + late
 
 
 def test_write_failing_midway_is_cut_back_and_the_spool_goes_on(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ _RATE_NAMES = tuple(name for name, _, _ in DEVICE_RATES)
 _VCPU_SHARES = (("cpu_pct", "cpu_time_ns"), ("cpu_steal_pct", "cpu_delay_ns"))
 _RATES_BY_KIND: Mapping[DeviceKind, tuple[tuple[str, str], ...]] = {
     kind: tuple((name, counter) for name, of, counter in DEVICE_RATES if of == kind)
-    for kind in ("nic", "disk")
+    for kind in dict.fromkeys(kind for _, kind, _ in DEVICE_RATES)
 }
 
 Point = tuple[float, float]
@@ -194,7 +194,7 @@ class Features:
             if weights:
                 angle = _angle_deg(weights, held, name not in _PERCENT)
                 if angle is not None:
-                    angles[_ANGLE_NAMES[name]] = angle
+                    angles[_ANGLE_NAMES.get(name) or name + ANGLE_SUFFIX] = angle
         return angles
 
 
@@ -301,8 +301,8 @@ def _trend_weights(times: Sequence[float]) -> tuple[float, ...]:
     """w_i = (t_i - mean t) / Sxx, so that the least-squares slope of any values
     over these times is sum(w_i * v_i); () when all times are equal.
 
-    Offsets are taken from the first time: monotonic seconds are large and
-    their squares would cancel catastrophically; offsets of a few seconds do not.
+    Taken about the window's own mean, from offsets to its first time: monotonic
+    seconds are large, and deviations of a few seconds keep their precision.
     """
     t0 = times[0]
     offsets = [t - t0 for t in times]

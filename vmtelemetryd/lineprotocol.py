@@ -268,7 +268,8 @@ def _append(lines: list[str], series: str, field_set: str, ts: str) -> None:
 def _int_fields(values: Mapping[str, int]) -> str:
     """``key=123i,...``, leaving out a value outside int64 (InfluxDB 3 would reject the line).
 
-    Keys are written as they are: schema names (model.py), which need no escape.
+    Keys are written as they are: schema names (sampler.py and model.py map libvirt's
+    keys to them), which need no escape, or keys ``encode_line`` escaped.
     One expression per field, no call: it runs for some 50 fields per VM each cycle.
     """
     return ",".join([f"{k}={v}i" for k, v in values.items() if _I64_MIN <= v <= _I64_MAX])

@@ -116,9 +116,6 @@ class VmSample:
     devices: tuple[DeviceSample, ...]
     device_counts: Mapping[DeviceKind, int]
 
-    def devices_of(self, kind: DeviceKind) -> tuple[DeviceSample, ...]:
-        return tuple(d for d in self.devices if d.kind == kind)
-
 
 @dataclass(frozen=True, slots=True)
 class Sample:

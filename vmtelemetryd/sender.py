@@ -95,12 +95,12 @@ class Sender:
 
     def send(self, lines: Sequence[str]) -> None:
         """Returns once the database accepted every line; raises ``WriteError`` otherwise."""
-        body = "\n".join(lines).encode()
-        compressed = len(body) > GZIP_ABOVE_BYTES
-        encoding = {"content_encoding": "gzip"} if compressed else {}
-        if compressed:
-            body = gzip.compress(body, compresslevel=GZIP_LEVEL)
         try:
+            body = "\n".join(lines).encode()
+            compressed = len(body) > GZIP_ABOVE_BYTES
+            encoding = {"content_encoding": "gzip"} if compressed else {}
+            if compressed:
+                body = gzip.compress(body, compresslevel=GZIP_LEVEL)
             # content_encoding: the client's own parameter, sent as Content-Encoding.
             self._client.write(record=body, write_precision="ns", **encoding)
         except InfluxDBError as exc:

@@ -19,7 +19,9 @@ Bound: a segment is max_bytes/16 (at most 64 MiB). When an append takes the
 spool past max_bytes, the oldest segments go whole once it is stored, their
 waiting lines counted in ``dropped_lines``: an append that fails drops
 nothing, and the disk holds one append more than max_bytes for that moment.
-A batch larger than max_bytes keeps its newest records.
+Only a full disk or quota makes room first, as the bound would have after
+the append, and tries once more. A batch larger than max_bytes keeps its
+newest records.
 
 Acks overwrite the ack file in place without fsync: a crash may lose the last
 ack, which only re-sends lines (points carry their timestamps). Fully acked
@@ -134,11 +136,19 @@ class Spool:
             return
         records = self._newest_that_fit(encode(lines), self._max_bytes)
         if records:
-            self._store(records)
+            try:
+                self._store(records)
+            except SpoolError as error:
+                needed = sum(len(record.data) for record in records)
+                if not (error.no_space and self._drop_oldest(keep=0, needed=needed)):
+                    raise
+                self._store(records)
         # Only once stored: after a SpoolError the caller still holds all of ``lines``.
         self._dropped_lines += len(lines) - sum(record.lines for record in records)
-        while len(self._segments) > 1 and self._bytes > self._max_bytes:
-            self._drop_oldest_segment()  # never the one just written to
+        # Stored: raising now would make the caller append them twice. A segment
+        # whose unlink failed is read again on the next open (re-sending is harmless).
+        with contextlib.suppress(SpoolError):
+            self._drop_oldest(keep=1, needed=0)  # never the segment just written to
 
     def peek(self, max_lines: int) -> SpoolBatch | None:
         """The oldest unacknowledged lines, at most ``max_lines``; None when there are none.
@@ -294,10 +304,19 @@ class Spool:
             needed -= len(records.pop(0).data)
         return records
 
+    def _drop_oldest(self, keep: int, needed: int) -> bool:
+        """Drop the oldest segments, all but ``keep``, until ``needed`` more bytes fit;
+        whether any went."""
+        dropped = False
+        while len(self._segments) > keep and self._bytes + needed > self._max_bytes:
+            self._drop_oldest_segment()
+            dropped = True
+        return dropped
+
     def _store(self, records: list[Encoded]) -> None:
         """Append ``records`` with one write and one fdatasync; on failure cut them back off."""
         data = b"".join(record.data for record in records)
-        segment, fd = self._writer()
+        segment, fd = self._writer(len(data))
         start = self._segments[segment]
         try:
             write_all(fd, data)
@@ -322,10 +341,13 @@ class Spool:
         self._dropped_lines += waiting - self._lines
         self._remove_segment(number)
 
-    def _writer(self) -> tuple[int, int]:
-        """The segment to append to: the current one until it is full, then a new one."""
+    def _writer(self, needed: int) -> tuple[int, int]:
+        """The segment to append to: the current one until it is full, then a new one.
+        Also a new one when ``needed`` would take the current one past max_bytes, so
+        that dropping the older segments brings the spool back within it."""
         if self._writing is not None:
-            if self._segments[self._writing[0]] < self._segment_bytes:
+            size = self._segments[self._writing[0]]
+            if size < self._segment_bytes and size + needed <= self._max_bytes:
                 return self._writing
             os.close(self._writing[1])
             self._writing = None

@@ -42,7 +42,14 @@ _ENCODING = ("utf-8", "surrogatepass")  # stores any str byte-exact; judging it 
 
 
 class SpoolError(Exception):
-    """The spool's directory or files cannot be used; the message names the path and why."""
+    """The spool's directory or files cannot be used; the message names the path and why.
+
+    ``no_space``: the file system or a quota is full (ENOSPC, EDQUOT).
+    """
+
+    def __init__(self, message: str, *, no_space: bool = False) -> None:
+        super().__init__(message)
+        self.no_space = no_space
 
 
 class Position(NamedTuple):
@@ -232,4 +239,6 @@ def unlink(path: Path) -> None:
 
 
 def spool_error(action: str, path: Path, error: OSError) -> SpoolError:
-    return SpoolError(f"spool: cannot {action} {path}: {error.strerror or error}")
+    reason = error.strerror or error
+    no_space = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return SpoolError(f"spool: cannot {action} {path}: {reason}", no_space=no_space)
