@@ -13,16 +13,10 @@ import labkit
 import libvirt
 import pytest
 
+from vmtelemetryd.sampler import STATS_GROUPS
+
 pytestmark = pytest.mark.lab
 
-GROUPS = (
-    libvirt.VIR_DOMAIN_STATS_STATE
-    | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
-    | libvirt.VIR_DOMAIN_STATS_BALLOON
-    | libvirt.VIR_DOMAIN_STATS_VCPU
-    | libvirt.VIR_DOMAIN_STATS_INTERFACE
-    | libvirt.VIR_DOMAIN_STATS_BLOCK
-)
 # one key each group gives for a paused guest with no OS
 GROUP_KEYS = (
     "state.state",
@@ -55,7 +49,7 @@ def test_second_host_reports_every_stats_group(lab2: labkit.LabInfo) -> None:
     second = lab2.hosts[1]
     conn = libvirt.openReadOnly(second.uri)
     try:
-        stats = {d.name(): s for d, s in conn.getAllDomainStats(GROUPS, 0)}
+        stats = {d.name(): s for d, s in conn.getAllDomainStats(STATS_GROUPS, 0)}
     finally:
         conn.close()
     for name in second.guests:

@@ -54,6 +54,7 @@ from vmtelemetryd.spoolfiles import (
     list_segments,
     load_position,
     lock_directory,
+    newest_that_fit,
     pack_position,
     read_record,
     scan_segment,
@@ -134,7 +135,7 @@ class Spool:
         self._require_open()
         if not lines:
             return
-        records = self._newest_that_fit(encode(lines), self._max_bytes)
+        records = newest_that_fit(encode(lines), self._max_bytes)
         if records:
             try:
                 self._store(records)
@@ -295,14 +296,6 @@ class Spool:
         unlink(self._dir / ACK_NAME)
 
     # --- writing and dropping
-
-    @staticmethod
-    def _newest_that_fit(records: list[Encoded], max_bytes: int) -> list[Encoded]:
-        """The batch without its oldest records, as many as it takes to fit in max_bytes."""
-        needed = sum(len(record.data) for record in records)
-        while records and needed > max_bytes:
-            needed -= len(records.pop(0).data)
-        return records
 
     def _drop_oldest(self, keep: int, needed: int) -> bool:
         """Drop the oldest segments, all but ``keep``, until ``needed`` more bytes fit;

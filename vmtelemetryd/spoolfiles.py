@@ -111,6 +111,14 @@ def encode(lines: Sequence[str]) -> list[Encoded]:
     return records
 
 
+def newest_that_fit(records: list[Encoded], max_bytes: int) -> list[Encoded]:
+    """``records`` without their oldest, as many as it takes to fit in max_bytes."""
+    needed = sum(len(record.data) for record in records)
+    while records and needed > max_bytes:
+        needed -= len(records.pop(0).data)
+    return records
+
+
 def _cut(payload: bytes, start: int) -> int:
     """Where the record starting at ``start`` ends: the last newline within _RECORD_BYTES."""
     if len(payload) - start <= _RECORD_BYTES:
