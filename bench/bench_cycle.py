@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import libvirt
-from benchkit import DaemonRun, labkit, run_window
+from benchkit import DaemonRun, labkit, pytest_running, run_window
 
 from vmtelemetryd.config import Config, load_config
 from vmtelemetryd.features import Features
@@ -215,7 +215,7 @@ def wait_for_other_bench() -> None:
             names = ["(libvirtd not answering)"]
         ours = lab.prefix + EXTRA_PREFIX
         others = [n for n in names if n not in lab.guests and not n.startswith(ours)]
-        tests = pytest_runs()
+        tests = pytest_running()
         if not others and not tests:
             return
         if time.monotonic() > deadline:
@@ -224,16 +224,6 @@ def wait_for_other_bench() -> None:
             )
         print(f"waiting for {len(others)} other domains, {len(tests)} pytest runs", file=sys.stderr)
         time.sleep(WAIT_POLL_S)
-
-
-def pytest_runs() -> list[int]:
-    """PIDs of the processes whose command line holds ``pytest``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if entry.name.isdigit() and b"pytest" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-    return pids
 
 
 def synthetic_vm(i: int, t: int) -> VmSample:

@@ -44,7 +44,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -62,11 +61,13 @@ from benchkit import (
     BenchError,
     DaemonRun,
     Window,
+    add_max_wait_argument,
     alive,
     all_domains,
     clean_env,
     extra_guests,
     idle_libvirtd,
+    lab_for,
     labkit,
     libvirtd_pid,
     loadavg,
@@ -423,22 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--xml-minutes", type=int, default=6, help="the XML reads run (6)")
     ap.add_argument("--before", default=BEFORE, help=f"git ref of before ({BEFORE})")
     ap.add_argument("--after", default="HEAD", help="git ref of after, or worktree (HEAD)")
-    ap.add_argument(
-        "--max-wait",
-        type=float,
-        default=1800,
-        help="seconds to wait for running pytest processes to end first (1800)",
-    )
+    add_max_wait_argument(ap)
     args = ap.parse_args(argv)
     top_window = args.top_seconds / max(1, args.rounds)
     if args.rounds < 1 or args.seconds < 1 or top_window < 1 or args.xml_minutes < 1:
         ap.error("--rounds, --seconds, --top-seconds per round and --xml-minutes must be >= 1")
     began = time.monotonic()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        lab = labkit.info()
-    except labkit.LabError as exc:
-        print(f"bench_metadata_top: {exc}", file=sys.stderr)
+    lab = lab_for("bench_metadata_top")
+    if lab is None:
         return 1
     uri = lab.libvirt_uri
     notes = [note] if (note := wait_for_quiet(args.max_wait)) else []

@@ -33,7 +33,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -50,9 +49,11 @@ from benchkit import (
     Collector,
     DaemonRun,
     active_domains,
+    add_max_wait_argument,
     clean_env,
     extra_guests,
     idle_libvirtd,
+    lab_for,
     labkit,
     loadavg,
     pids_running,
@@ -455,22 +456,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LIST",
         help="collectd virt ExtraStats (default: none, the plugin's defaults)",
     )
-    ap.add_argument(
-        "--max-wait",
-        type=float,
-        default=1800,
-        help="seconds to wait for running pytest processes to end first (1800)",
-    )
+    add_max_wait_argument(ap)
     args = ap.parse_args(argv)
     if args.seconds < 1 or args.rounds < 1 or args.busy < 0 or args.paused < 0:
         ap.error("--seconds >= 1, --rounds >= 1, --busy/--paused >= 0")
     began = time.monotonic()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    try:
-        lab = labkit.info()
-    except labkit.LabError as exc:
-        print(f"bench_peers: {exc}", file=sys.stderr)
+    lab = lab_for("bench_peers")
+    if lab is None:
         return 1
     quiet_note = wait_for_quiet(args.max_wait)
     load_start = loadavg()

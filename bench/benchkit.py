@@ -10,6 +10,7 @@ a window again while a pytest run or a libvirtd restart disturbed it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -135,6 +136,26 @@ def pytest_running() -> list[int]:
                 if b"-m" in argv and b"pytest" in argv and b"python" in argv[0]:
                     found.append(int(entry))
     return found
+
+
+def add_max_wait_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--max-wait",
+        type=float,
+        default=1800,
+        help="seconds to wait for running pytest processes to end first (1800)",
+    )
+
+
+def lab_for(bench: str) -> labkit.LabInfo | None:
+    """The lab, with SIGTERM ending ``bench`` through its cleanups (guests destroyed,
+    collectors stopped); None, and why on stderr, when the lab is not up."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return labkit.info()
+    except labkit.LabError as exc:
+        print(f"{bench}: {exc}", file=sys.stderr)
+        return None
 
 
 def loadavg() -> str:
