@@ -37,19 +37,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
-import json
 import math
 import os
-import re
-import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import cast
 
@@ -62,17 +57,24 @@ from benchkit import (
     DaemonRun,
     Window,
     add_max_wait_argument,
-    alive,
     all_domains,
-    clean_env,
     extra_guests,
     idle_libvirtd,
     lab_for,
     labkit,
-    libvirtd_pid,
     loadavg,
+    ratio,
     run_window,
     wait_for_quiet,
+)
+from metadataruns import (
+    TOP_INTERVAL_S,
+    TOP_SIZE,
+    Top,
+    XmlReads,
+    reads_in_windows,
+    xml_read_cost,
+    xml_reads_run,
 )
 
 from vmtelemetryd.config import Config
@@ -81,31 +83,7 @@ from vmtelemetryd.metadatacache import MIN_READS_PER_CYCLE
 BEFORE = "8cfbb29"
 DEFAULT_GUESTS = 60
 POLL_INTERVAL_S = 1.0  # DaemonRun's
-TOP_INTERVAL_S = 1.0
-TOP_SIZE = (120, 64)  # 61 rows under the header and the column titles
 IDLE_S = 10.0
-XML_PASSES = 20
-
-# One read's cost, measured in a process of the after code's own: the daemon's cache and
-# sampler, the CPU of this process and of libvirtd around the reads only.
-XML_COST = r"""
-import json, sys, time
-from benchkit import cpu_ticks
-from vmtelemetryd.metadatacache import MetadataCache
-from vmtelemetryd.sampler import Sampler
-uri, libvirtd, passes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-sampler = Sampler(uri, timeout=30, wants_domain=lambda _: True, filtered=False, host_tag="bench")
-sample = sampler.sample()
-reads = own = ticks = 0
-for _ in range(passes):
-    cache = MetadataCache(ttl=0, poll_interval=1)  # TTL 0: every domain due, in one call
-    cpu, lvd = time.process_time(), cpu_ticks(libvirtd)
-    reads += len(cache.refresh(sample, sampler.domain_xml))
-    own += time.process_time() - cpu
-    ticks += cpu_ticks(libvirtd) - lvd
-sampler.close()
-print(json.dumps({"reads": reads, "own_ms": own * 1000, "libvirtd_ticks": ticks}))
-"""
 
 
 # --------------------------------------------------------------------------- code
@@ -143,154 +121,7 @@ def export_tree(ref: str, dest: Path) -> str:
     return commit
 
 
-# --------------------------------------------------------------------------- top
-
-
-class Top(DaemonRun):
-    """``vmtelemetryd top`` of the package in ``source``, with a DaemonRun's settings, in a
-    tmux terminal on a socket of its own (``tmux -L``: the server it starts is ours to
-    kill). Refreshes: one per TOP_INTERVAL_S, or per poll when a poll takes longer (the
-    poll time is read off the header once a second); the terminal is a companion."""
-
-    def __init__(self, scratch: Path, lab: labkit.LabInfo, source: Path) -> None:
-        super().__init__("vmtelemetryd top", scratch, lab, tag="bench-meta-top", source=source)
-        self.socket = f"vmt-bench-top-{uuid.uuid4().hex[:8]}"
-        self.headers: list[str] = []
-        self._pid: int | None = None
-        self._socket_path: Path | None = None
-
-    def _tmux(self, *args: str, env: dict[str, str] | None = None, check: bool = True) -> str:
-        done = subprocess.run(
-            ["tmux", "-L", self.socket, *args], env=env, capture_output=True, text=True, check=check
-        )
-        return done.stdout
-
-    def start(self) -> None:
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        self.headers = []
-        argv = self.argv("top", "--interval", f"{TOP_INTERVAL_S:g}")
-        stderr = shlex.quote(str(self.scratch / "stderr"))
-        width, height = TOP_SIZE
-        self._tmux(
-            *("new-session", "-d", "-s", "top", "-x", str(width), "-y", str(height)),
-            *("sh", "-c", f"exec {shlex.join(argv)} 2>{stderr}"),  # the pane's process is top
-            env=self.environment(TERM="screen"),
-        )
-        self._pid = int(self._tmux("display-message", "-p", "-t", "top", "#{pane_pid}"))
-        self._socket_path = Path(self._tmux("display-message", "-p", "#{socket_path}").strip())
-
-    def pid(self) -> int:
-        assert self._pid is not None
-        return self._pid
-
-    def returncode(self) -> int | None:
-        return None if self._pid is not None and alive(self._pid) else -1
-
-    def companions(self) -> dict[str, int]:
-        return {"tmux": int(self._tmux("display-message", "-p", "#{pid}"))}
-
-    def _screen(self) -> list[str]:
-        return self._tmux("capture-pane", "-p", "-t", "top", check=False).splitlines()
-
-    def ready(self) -> bool:
-        lines = self._screen()
-        return bool(lines) and lines[0].startswith("vmtelemetryd top - ")
-
-    def tick(self) -> None:
-        if lines := self._screen():
-            self.headers.append(lines[0])
-
-    def count(self, t0: float, t1: float) -> tuple[int, int]:
-        polls = [float(m[1]) for h in self.headers if (m := re.search(r"poll (\d+\.\d+) s", h))]
-        vms = [int(m[1]) for h in self.headers if (m := re.search(r" (\d+) VMs ", h))]
-        period = statistics.mean(max(TOP_INTERVAL_S, p) for p in polls) if polls else TOP_INTERVAL_S
-        return round((t1 - t0) / period), max(vms, default=0)
-
-    def stop(self) -> None:
-        if self._pid is not None and alive(self._pid):
-            self._tmux("send-keys", "-t", "top", "q", check=False)
-            deadline = time.monotonic() + 5
-            while alive(self._pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-        self._tmux("kill-server", check=False)  # gone already when top quit: harmless
-        if self._socket_path is not None:
-            self._socket_path.unlink(missing_ok=True)  # tmux leaves it behind
-
-    def output(self) -> str:
-        path = self.scratch / "stderr"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-
-# --------------------------------------------------------------------------- XML reads
-
-
-@dataclasses.dataclass
-class XmlReads:
-    per_minute: list[int]
-    max_per_cycle: int
-    first_minute_cycles: int  # cycles of the first minute that read any XML
-    vms: int
-
-
-def xml_reads_run(lab: labkit.LabInfo, scratch: Path, source: Path, minutes: int) -> XmlReads:
-    """The after daemon alone for ``minutes`` from its first cycle; its own xml_reads counter."""
-    daemon = DaemonRun("after, alone", scratch, lab, tag="bench-meta-xml", source=source)
-    print(f"XML reads: the after daemon alone for {minutes} min", file=sys.stderr, flush=True)
-    daemon.start()
-    try:
-        deadline = time.monotonic() + minutes * 60 + WARMUP_S  # its first cycle comes ~2 s late
-        while time.monotonic() < deadline:
-            if (code := daemon.returncode()) is not None:
-                raise BenchError(f"the daemon exited with {code}:\n{daemon.output()[-800:]}")
-            time.sleep(1)
-    finally:
-        daemon.stop()
-    points = daemon.own_series("xml_reads")
-    if not points:
-        raise BenchError("the daemon wrote no xml_reads (a version without the metadata stage?)")
-    first = points[0][0]
-
-    def total_before(t: float) -> int:
-        return int(max((v for ts, v in points if ts < t), default=0))
-
-    per_minute = [
-        total_before(first + 60 * (k + 1)) - total_before(first + 60 * k) for k in range(minutes)
-    ]
-    steps = [int(points[0][1])] + [int(b - a) for (_, a), (_, b) in itertools.pairwise(points)]
-    in_first = [n for (ts, _), n in zip(points, steps, strict=True) if ts < first + 60]
-    vms = daemon.own_series("vms")
-    return XmlReads(per_minute, max(steps), sum(n > 0 for n in in_first), int(vms[-1][1]))
-
-
-def reads_in_windows(daemon: DaemonRun) -> int:
-    """XML reads the daemon counted inside its measured windows."""
-    points = daemon.own_series("xml_reads")
-    total = 0
-    for t0, t1 in daemon.result.spans:
-        inside = [v for ts, v in points if t0 <= ts < t1]
-        earlier = [v for ts, v in points if ts < t0]
-        if inside:
-            total += int(inside[-1] - (earlier[-1] if earlier else 0))
-    return total
-
-
-def xml_read_cost(uri: str, source: Path) -> tuple[int, float, float]:
-    """(reads, own ms, libvirtd ms) per XML read, as the daemon reads and parses them."""
-    env = clean_env() | {"PYTHONPATH": f"{source}{os.pathsep}{REPO / 'bench'}"}
-    argv = [sys.executable, "-P", "-c", XML_COST, uri, str(libvirtd_pid()), str(XML_PASSES)]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
-    if done.returncode != 0:
-        raise BenchError(f"XML read cost: exit {done.returncode}: {done.stderr.strip()[-800:]}")
-    got = json.loads(done.stdout.splitlines()[-1])
-    reads = max(1, got["reads"])
-    return got["reads"], got["own_ms"] / reads, got["libvirtd_ticks"] * TICK_MS / reads
-
-
 # --------------------------------------------------------------------------- report
-
-
-def _ratio(value: float, base: float) -> str:
-    return f"{value / base:.3f}" if base else "-"
 
 
 def own_per_vm(w: Window) -> float:
@@ -329,8 +160,8 @@ def report_cycles(before: DaemonRun, after: DaemonRun, rounds: int, seconds: flo
     if before.unavailable or after.unavailable:
         return
     b, a = before.result, after.result
-    own = _ratio(own_per_vm(a), own_per_vm(b))
-    print(f"after/before per VM-sample: own {own}, host {_ratio(host_per_vm(a), host_per_vm(b))}")
+    own = ratio(own_per_vm(a), own_per_vm(b), 3)
+    print(f"after/before per VM-sample: own {own}, host {ratio(host_per_vm(a), host_per_vm(b), 3)}")
     pairs = list(zip(before.windows, after.windows, strict=False))  # as many unless one gave up
     for what, per_vm in (("own", own_per_vm), ("host", host_per_vm)):
         ratios = [per_vm(wa) / per_vm(wb) for wb, wa in pairs if per_vm(wb)]
@@ -383,8 +214,8 @@ def report_xml(
         f"+{xml.max_per_cycle * (own + lvd):.2f} ms in each of its {xml.first_minute_cycles} "
         "reading cycles"
     )
-    ratio = _ratio(host_a + added, host_b)
-    print(f"  after/before host CPU per cycle, amortized reads included: {ratio}")
+    amortized = ratio(host_a + added, host_b, 3)
+    print(f"  after/before host CPU per cycle, amortized reads included: {amortized}")
 
 
 def report_top(top: Top, after: DaemonRun, seconds: float) -> None:
@@ -406,8 +237,8 @@ def report_top(top: Top, after: DaemonRun, seconds: float) -> None:
         return
     a = after.result
     print(_cpu_row(after.name, a, per_vm=False))
-    own = _ratio(w.per_sample(w.own_ticks), a.per_sample(a.own_ticks))
-    host = _ratio(host_per_cycle(w), host_per_cycle(a))
+    own = ratio(w.per_sample(w.own_ticks), a.per_sample(a.own_ticks), 3)
+    host = ratio(host_per_cycle(w), host_per_cycle(a), 3)
     print(f"top refresh / daemon cycle: own {own}, host {host}")
     print(
         "  tmux: the terminal's server, drawing top's output (and answering this script's "

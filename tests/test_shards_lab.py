@@ -84,7 +84,7 @@ def test_a_hung_domain_stalls_only_its_own_share(lab: Any) -> None:
         assert set(first) >= others and stuck not in first, (set(first), others)
         assert sampler.share_error is not None and "timed out" in sampler.share_error
         later = by_uuid(sampler)  # NOWAIT: the share answers again, that domain in it
-        assert set(later) == set(everyone) and sampler.share_error is None
+        assert set(later) == set(everyone) and sampler.share_error is None, sampler.share_error
         assert "mem_rss_kib" not in later[stuck].metrics  # its monitor groups left out
     finally:
         os.kill(qemu, signal.SIGCONT)

@@ -116,11 +116,17 @@ def _run_loop() -> None:
 
 
 class EventSource:
-    """Registers the callbacks on each new connection to ``uri`` (its sampler's ``on_connect``)."""
+    """Registers the callbacks on each new connection to ``uri`` (its sampler's ``on_connect``).
+
+    Only the newest connection speaks: one the sampler left while a call on it
+    hung keeps its callbacks until that call ends, and would deliver every
+    event twice, then its close as if the host had gone.
+    """
 
     def __init__(self, uri: str, deliver: Callable[[Notice], None]) -> None:
         self._uri = uri
         self._deliver = deliver
+        self._conn: Any = None
 
     def register(self, conn: Any, host: str) -> None:
         """Close callback, lifecycle and metadata events; again after a reconnect.
@@ -131,6 +137,7 @@ class EventSource:
         reproduced without the rest of the daemon). A hung host is found by the
         sampler's own timeout on every call instead.
         """
+        self._conn = conn
         conn.registerCloseCallback(self._closed, host)
         conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, host
@@ -139,7 +146,9 @@ class EventSource:
             None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._metadata, host
         )
 
-    def _lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, host: str) -> None:
+    def _lifecycle(self, conn: Any, dom: Any, event: int, detail: int, host: str) -> None:
+        if conn is not self._conn:
+            return
         name, detail_name = describe(event, detail)
         # name() and UUIDString() read the handle: no call to libvirtd from its loop.
         self._deliver(
@@ -148,8 +157,12 @@ class EventSource:
             )
         )
 
-    def _metadata(self, _conn: Any, dom: Any, _kind: int, _uri: Any, host: str) -> None:
+    def _metadata(self, conn: Any, dom: Any, _kind: int, _uri: Any, host: str) -> None:
+        if conn is not self._conn:
+            return
         self._deliver(MetadataChanged(self._uri, dom.UUIDString()))
 
-    def _closed(self, _conn: Any, reason: int, _host: str) -> None:
+    def _closed(self, conn: Any, reason: int, _host: str) -> None:
+        if conn is not self._conn:
+            return
         self._deliver(ConnectionClosed(self._uri, reason))
