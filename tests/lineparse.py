@@ -5,8 +5,9 @@ unescape in keys and tag values (``\\ \, \ `` in the measurement), any other
 backslash is literal, a value whose unescaped text ends in a backslash is
 rejected, tab and newline cannot appear. Where the real parsers disagree it
 refuses what any of them would misread: a raw comma or space in a key, a raw
-``=`` in a tag value (Go), CR, an integer without ``i`` or a float without
-``.``/exponent, unsorted or duplicate tags.
+``=`` in a tag value (Go), CR, an integer without ``i``, unsorted or
+duplicate tags. A number without a suffix is a float in each of them
+(``field_float_value_no_decimal`` in the crate; ``12`` is 12.0).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ KEY_ESCAPES = frozenset("\\,= ")
 MEASUREMENT_ESCAPES = frozenset("\\, ")
 NEVER_RAW = frozenset("\t\n\r")
 INT = re.compile(r"-?\d+i")
-FLOAT = re.compile(r"-?\d+(\.\d+([eE][+-]?\d+)?|[eE][+-]?\d+)")
+FLOAT = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
 TIMESTAMP = re.compile(r"-?\d+")
 
 

@@ -350,6 +350,15 @@ def test_vertical_trend_has_no_angle_rather_than_90() -> None:
     assert "mem_used_pct_angle_deg" not in fields_of(f, mem_pct_sample(1e-15, 100))
 
 
+def test_an_angle_written_as_90_is_left_out() -> None:
+    f = Features(2)
+    f.derive(mem_pct_sample(1000.0, 0))
+    # +100 points in 1e-11 s: 90 - 6e-12 degrees, which FLOAT_DIGITS digits write as 90
+    steep = mem_pct_sample(1000.0 + 1e-11, 100)
+    assert math.degrees(math.atan(100 / (steep.monotonic - 1000.0))) < 90
+    assert "mem_used_pct_angle_deg" not in fields_of(f, steep)
+
+
 def test_angles_stay_within_open_interval_for_steep_real_trends() -> None:
     f = Features(2)
     f.derive(mem_pct_sample(1000.0, 0))

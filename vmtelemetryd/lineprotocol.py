@@ -53,8 +53,9 @@ two backslashes: such a name is stored with one extra backslash, still as one
 tag value.
 
 Numbers: counters are integers (``i``) and must fit in int64 (InfluxDB 3
-rejects the whole line otherwise); derived values are written as Python's
-shortest round-trip ``repr`` of a float (``12.0``, ``1e+16``), finite only.
+rejects the whole line otherwise); derived values are floats written with
+``FLOAT_DIGITS`` significant digits (``12``, ``0.333333333333``, ``1e+16``: a
+number without the ``i`` suffix is a float), finite only.
 A value that cannot be written is left out, like a value libvirt did not
 report.
 """
@@ -68,6 +69,7 @@ from dataclasses import dataclass, field
 
 from vmtelemetryd.model import (
     DEVICE_FIELDS,
+    FLOAT_DIGITS,
     TOTAL_PREFIX,
     DeviceKind,
     DeviceSample,
@@ -88,6 +90,7 @@ _BACKSLASH_BEFORE_ESCAPABLE = re.compile(r"\\(?=[\\ ,=])")
 _KEY_SPECIALS = re.compile(r"([ ,=])")
 _MEASUREMENT_SPECIALS = re.compile(r"([ ,])")
 
+_FLOAT_FIELD = f"%s=%.{FLOAT_DIGITS}g"
 _COUNT_FIELD: Mapping[DeviceKind, str] = {"nic": "nics", "disk": "disks"}
 _TOTAL_FIELDS: Mapping[DeviceKind, tuple[tuple[str, str], ...]] = {
     kind: tuple((name, TOTAL_PREFIX[kind] + name) for name in names)
@@ -276,12 +279,12 @@ def _int_fields(values: Mapping[str, int]) -> str:
 
 
 def _float_fields(values: Mapping[str, float]) -> str:
-    """``key=12.0,...`` for finite values, keys as in ``_int_fields``.
+    """``key=12.5,...`` for finite values, keys as in ``_int_fields``.
 
     The values must be floats (features.py makes only floats): ``float(v)``
     on each was a third of this function's time (bench_cycle.py).
     """
-    return ",".join([f"{k}={v!r}" for k, v in values.items() if math.isfinite(v)])
+    return ",".join([_FLOAT_FIELD % (k, v) for k, v in values.items() if math.isfinite(v)])
 
 
 def _totals(vm: VmSample) -> dict[str, int]:

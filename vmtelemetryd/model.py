@@ -83,6 +83,12 @@ def state_name(state: int | None) -> str:
 
 
 DEVICE_FIELDS: Mapping[DeviceKind, tuple[str, ...]] = {"nic": NIC_FIELDS, "disk": DISK_FIELDS}
+
+FLOAT_DIGITS = 12
+"""Significant digits of each derived value written. A rate is good to a few digits at
+most: one bulk request reads the VMs' counters one after another, over its whole
+duration (228 ms for 60 guests), against one timestamp. Python's shortest repr (up to
+17 digits) took 1.7x as long to write: 8.3 against 5.0 µs for a VM's 22 values."""
 TOTAL_PREFIX: Mapping[DeviceKind, str] = {"nic": "net_", "disk": "disk_"}
 
 
