@@ -116,12 +116,6 @@ class HostSampler:
         if not samples:
             stuck = [e for e in errors if isinstance(e, SamplerStuck)]
             raise (stuck or errors)[0]
-        for shard, result in zip(self._shards, results, strict=True):
-            if isinstance(result, SamplerStuck):
-                # libvirtd answered the other shares: a domain hangs, not libvirtd. The
-                # next request on this share's connection may queue behind the hung one
-                # (libvirt 9.0: 2 in 20); on a new one NOWAIT skips that domain (30 in 30).
-                shard.close()
         first = min(samples, key=lambda s: s.monotonic)
         vms = tuple(vm for s in samples for vm in s.vms)
         return Sample(host=first.host, wall_ns=first.wall_ns, monotonic=first.monotonic, vms=vms)

@@ -1,0 +1,81 @@
+"""One connection's sampler against the lab when a QEMU or a libvirtd stops answering.
+
+A request that timed out leaves its connection behind: the next request goes
+on a new one, where NOWAIT skips the hung domain. A libvirtd that hangs
+itself shows as stuck (the watchdog's business), not as unreachable, and is
+sampled again as soon as it answers, without a reconnect backoff.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import labkit
+import pytest
+
+from vmtelemetryd.sampler import Sampler, SamplerStuck
+
+pytestmark = pytest.mark.lab
+
+
+def sampler(uri: str, timeout: float) -> Sampler:
+    # filtered: the listing path (listAllDomains, domainListGetStats), where a request on
+    # the connection of a timed-out one was seen to hang too
+    return Sampler(uri, timeout=timeout, wants_domain=lambda name: True, filtered=True, host_tag=None)
+
+
+def test_after_a_timed_out_request_the_next_ones_answer_on_a_new_connection(lab: Any) -> None:
+    name = lab.prefix + "stuck-one"
+    labkit.create_guest(name)
+    qemu = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text())
+    s = sampler(lab.libvirt_uri, 2.0)
+    try:
+        everyone = {vm.uuid: vm.name for vm in s.sample().vms}
+        os.kill(qemu, signal.SIGSTOP)
+        with pytest.raises(SamplerStuck, match="timed out"):
+            s.sample()
+        later = [{vm.uuid: vm for vm in s.sample().vms} for _ in range(4)]
+    finally:
+        os.kill(qemu, signal.SIGCONT)
+        s.close()
+        labkit.destroy_guest(name)
+    assert s.reconnects == 1
+    for vms in later:
+        assert vms.keys() == everyone.keys()
+        hung = next(vm for vm in vms.values() if vm.name == name)
+        assert "mem_rss_kib" not in hung.metrics  # NOWAIT left its monitor groups out
+
+
+def test_a_hung_libvirtd_is_stuck_and_sampled_again_once_it_answers(lab2: labkit.LabInfo) -> None:
+    second = lab2.hosts[1]
+    pid = labkit.host_pid(2)
+    s = sampler(second.uri, 1.0)
+    try:
+        assert {vm.name for vm in s.sample().vms} >= set(second.guests)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(SamplerStuck, match="stats request timed out"):
+                s.sample()
+            with pytest.raises(SamplerStuck, match="cannot connect .* timed out"):
+                s.sample()
+            t0 = time.monotonic()
+            with pytest.raises(SamplerStuck, match="has not answered"):
+                s.sample()  # two calls wait: no third is started
+            assert time.monotonic() - t0 < 0.5
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        names: set[str] | None = None
+        deadline = time.monotonic() + 5
+        while names is None:
+            assert time.monotonic() < deadline, "not sampled again within 5 s of SIGCONT"
+            try:
+                names = {vm.name for vm in s.sample().vms}
+            except SamplerStuck:
+                time.sleep(0.1)  # the calls that waited are still being answered
+        assert names >= set(second.guests)
+    finally:
+        s.close()
