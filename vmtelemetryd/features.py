@@ -42,10 +42,6 @@ _RATES_BY_KIND: Mapping[DeviceKind, tuple[tuple[str, str], ...]] = {
 Point = tuple[float, float]
 """(monotonic seconds, value): one entry of a trend window, as ``VmHistory`` holds it."""
 
-_Window = tuple[tuple[float, ...], tuple[float, ...]]
-"""A field's trend window: the monotonic seconds of its newest values, and those values."""
-
-_EMPTY_WINDOW: _Window = ((), ())
 _ANGLE_OF = {
     name: (name + ANGLE_SUFFIX, name not in _PERCENT) for name in (*PERCENT_FIELDS, *_RATE_NAMES)
 }
@@ -64,8 +60,11 @@ _Devices = Mapping[DeviceKind, Mapping[str, Counters] | None]
 class _VmState:
     """What one VM instance leaves behind for the next sample.
 
-    ``devices`` are those of ``last``; ``times`` its newest sample times, which
-    every window that got a value from each of those samples shares.
+    ``devices`` are those of ``last``; ``times`` its newest sample times.
+    ``windows`` holds each field's newest values, changed in place (a new tuple
+    per field and cycle was a fifth of the feature stage: bench_cycle.py); a
+    window's values were taken at ``times``, unless the field missed one of
+    those samples or started later: then at ``own_times[field]``.
     """
 
     instance: int
@@ -73,7 +72,8 @@ class _VmState:
     last: VmSample
     devices: _Devices
     times: tuple[float, ...]
-    windows: dict[str, _Window]
+    windows: dict[str, list[float]]
+    own_times: dict[str, tuple[float, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +101,9 @@ class Features:
         self._times = self._times[-window:]
         for state in self._states.values():
             state.times = state.times[-window:]
-            state.windows = {
-                name: (times[-window:], values[-window:])
-                for name, (times, values) in state.windows.items()
-            }
+            for values in state.windows.values():
+                del values[:-window]
+            state.own_times = {name: t[-window:] for name, t in state.own_times.items()}
 
     def snapshot(self) -> dict[str, VmHistory]:
         """What the next sample of each VM would build on, by uuid."""
@@ -113,7 +112,10 @@ class Features:
                 state.instance,
                 state.monotonic,
                 state.last,
-                {name: tuple(zip(*window, strict=True)) for name, window in state.windows.items()},
+                {
+                    name: tuple(zip(state.own_times.get(name, state.times), values, strict=True))
+                    for name, values in state.windows.items()
+                },
             )
             for uuid, state in self._states.items()
         }
@@ -125,6 +127,7 @@ class Features:
         that. derive() uses an entry only for the same VM instance, so one that
         restarted meanwhile starts afresh; windows keep their newest values.
         """
+        keep = -self._window
         self._states = {
             uuid: _VmState(
                 history.instance,
@@ -132,13 +135,8 @@ class Features:
                 history.last,
                 _devices(history.last),
                 (),
-                {
-                    name: (
-                        tuple(t for t, _ in points[-self._window :]),
-                        tuple(v for _, v in points[-self._window :]),
-                    )
-                    for name, points in history.windows.items()
-                },
+                {name: [v for _, v in points[keep:]] for name, points in history.windows.items()},
+                {name: tuple(t for t, _ in points[keep:]) for name, points in history.windows.items()},
             )
             for uuid, history in histories.items()
         }
@@ -158,23 +156,24 @@ class Features:
             state = self._states.get(vm.uuid)
             if state is not None and state.instance == vm.instance:
                 fields = _values(vm, devices, state, now - state.monotonic)
-                before, windows = state.times, state.windows
+                before, windows, own_times = state.times, state.windows, state.own_times
             else:
                 fields = _values(vm, devices, None, 0.0)
-                before, windows = (), {}
+                before, windows, own_times = (), {}, {}
             if before is host_before or before == host_before:
                 times = host_times
             else:
                 times = (*before[keep:], now)
-            fields.update(self._push_and_angle(windows, fields, before, times))
-            states[vm.uuid] = _VmState(vm.instance, now, vm, devices, times, windows)
+            fields.update(self._push_and_angle(windows, own_times, fields, before, times))
+            states[vm.uuid] = _VmState(vm.instance, now, vm, devices, times, windows, own_times)
             derived[vm.uuid] = VmFeatures(vm.uuid, fields)
         self._states = states
         return derived
 
     def _push_and_angle(
         self,
-        windows: dict[str, _Window],
+        windows: dict[str, list[float]],
+        own_times: dict[str, tuple[float, ...]],
         values: Mapping[str, float],
         before: tuple[float, ...],
         times: tuple[float, ...],
@@ -182,9 +181,9 @@ class Features:
         """Append each new value to its window; the angles of the windows now full.
 
         ``before`` and ``times``: the VM's sample times without and with this one.
-        A window whose times were ``before`` takes ``times`` itself, so that the
-        fit's weights are computed once for every window with the same times
-        (``_weighed``), rather than per field.
+        A window with its own times takes ``times`` again once they agree, so
+        that the fit's weights are computed once for every window with the same
+        times (``_weighed``), rather than per field.
         A field without a value this cycle gets no angle either: repeating the
         previous angle would pass a stale trend off as a current one.
 
@@ -200,14 +199,26 @@ class Features:
         full = self._window
         keep = 1 - full
         weighed, weights = self._weighed
+        now = times[-1]
         for name, value in values.items():
-            held_times, held = windows.get(name, _EMPTY_WINDOW)
-            if held_times is before or held_times == before:
-                held_times = times
+            held = windows.get(name)
+            if held is None:
+                held = windows[name] = [value]
+                if before:  # the VM was sampled before without this field
+                    own_times[name] = ()
             else:
-                held_times = (*held_times[keep:], times[-1])
-            held = (*held[keep:], value)
-            windows[name] = (held_times, held)
+                held.append(value)
+                if len(held) > full:
+                    del held[0]
+            if own_times and name in own_times:
+                held_times = (*own_times[name][keep:], now)
+                if held_times == times:
+                    del own_times[name]
+                    held_times = times
+                else:
+                    own_times[name] = held_times
+            else:
+                held_times = times
             if len(held) < full:
                 continue
             if held_times is not weighed:
@@ -227,6 +238,9 @@ class Features:
                 angles[angle_name] = angle
         if weighed is not self._weighed[0]:
             self._weighed = (weighed, weights)
+        if len(windows) > len(values):  # a window got no value: its times stay as they were
+            for name in windows.keys() - values.keys():
+                own_times.setdefault(name, before)
         return angles
 
 
