@@ -127,19 +127,18 @@ class Features:
         that. derive() uses an entry only for the same VM instance, so one that
         restarted meanwhile starts afresh; windows keep their newest values.
         """
-        keep = -self._window
-        self._states = {
-            uuid: _VmState(
+        self._states = {}
+        for uuid, history in histories.items():
+            recent = {name: points[-self._window :] for name, points in history.windows.items()}
+            self._states[uuid] = _VmState(
                 history.instance,
                 history.monotonic,
                 history.last,
                 _devices(history.last),
                 (),
-                {name: [v for _, v in points[keep:]] for name, points in history.windows.items()},
-                {name: tuple(t for t, _ in points[keep:]) for name, points in history.windows.items()},
+                {name: [v for _, v in points] for name, points in recent.items()},
+                {name: tuple(t for t, _ in points) for name, points in recent.items()},
             )
-            for uuid, history in histories.items()
-        }
 
     def derive(self, sample: Sample) -> dict[str, VmFeatures]:
         """Features of every VM of ``sample``, by uuid; VMs absent from it are forgotten."""
