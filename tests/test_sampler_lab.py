@@ -8,32 +8,59 @@ sampled again as soon as it answers, without a reconnect backoff.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import labkit
 import pytest
 
-from vmtelemetryd.sampler import Sampler, SamplerStuck
+from vmtelemetryd.events import EventSource, start_event_loop
+from vmtelemetryd.sampler import Sampler
+from vmtelemetryd.timedcalls import SamplerStuck
 
 pytestmark = pytest.mark.lab
 
 
 def sampler(uri: str, timeout: float) -> Sampler:
-    # filtered: the listing path (listAllDomains, domainListGetStats), where a request on
-    # the connection of a timed-out one was seen to hang too
+    """With events registered on each connection, as the daemon's; filtered: the listing
+    path, where a request on the connection of a timed-out one was seen to hang too."""
+    start_event_loop()
+    events = EventSource(uri, lambda notice: None)
     return Sampler(
-        uri, timeout=timeout, wants_domain=lambda name: True, filtered=True, host_tag=None
+        uri,
+        timeout=timeout,
+        wants_domain=lambda name: True,
+        filtered=True,
+        host_tag=None,
+        on_connect=events.register,
     )
+
+
+def open_sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # one closed meanwhile
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def wait_for(condition: Callable[[], bool], seconds: float, failure: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.1)
 
 
 def test_after_a_timed_out_request_the_next_ones_answer_on_a_new_connection(lab: Any) -> None:
     name = lab.prefix + "stuck-one"
     labkit.create_guest(name)
     qemu = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text())
+    sockets = open_sockets()
     s = sampler(lab.libvirt_uri, 2.0)
     try:
         everyone = {vm.uuid: vm.name for vm in s.sample().vms}
@@ -41,10 +68,13 @@ def test_after_a_timed_out_request_the_next_ones_answer_on_a_new_connection(lab:
         with pytest.raises(SamplerStuck, match="timed out"):
             s.sample()
         later = [{vm.uuid: vm for vm in s.sample().vms} for _ in range(4)]
+        assert open_sockets() == sockets + 2  # the new connection, the hung one's
     finally:
         os.kill(qemu, signal.SIGCONT)
         s.close()
         labkit.destroy_guest(name)
+    # the hung call closes its connection once it ends, events and all; close() the other
+    wait_for(lambda: open_sockets() == sockets, 10, "a connection still open 10 s after SIGCONT")
     assert s.reconnects == 1
     for vms in later:
         assert vms.keys() == everyone.keys()

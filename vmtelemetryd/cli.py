@@ -21,8 +21,8 @@ from vmtelemetryd.lineprotocol import encode
 from vmtelemetryd.logs import configure_logging, is_journal, set_redacted
 from vmtelemetryd.metadata import parse_metadata
 from vmtelemetryd.model import Sample, state_name
-from vmtelemetryd.sampler import SamplerError
 from vmtelemetryd.stages import open_hosts
+from vmtelemetryd.timedcalls import SamplerError
 from vmtelemetryd.top import run_top
 from vmtelemetryd.topview import SORTS
 

@@ -31,9 +31,9 @@ from vmtelemetryd.lineprotocol import encode_line
 from vmtelemetryd.logs import configure_logging, set_redacted
 from vmtelemetryd.model import Sample, WriterStatus
 from vmtelemetryd.report import HostReport, HostState, status_document, summary
-from vmtelemetryd.sampler import SamplerStuck
 from vmtelemetryd.scheduler import Ticker
 from vmtelemetryd.stages import open_hosts, open_writer, sampler_settings, writer_settings
+from vmtelemetryd.timedcalls import SamplerStuck
 
 log = structlog.get_logger("vmtelemetryd")
 

@@ -128,8 +128,9 @@ class EventSource:
         self._deliver = deliver
         self._conn: Any = None
 
-    def register(self, conn: Any, host: str) -> None:
+    def register(self, conn: Any, host: str) -> Callable[[], None]:
         """Close callback, lifecycle and metadata events; again after a reconnect.
+        Returns what deregisters them, for the sampler to call before it closes ``conn``.
 
         No ``setKeepAlive``: with libvirt 9.0 here, a connection that keepalive
         closed while calls on it were still waiting (a SIGSTOPped libvirtd, then
@@ -139,12 +140,21 @@ class EventSource:
         """
         self._conn = conn
         conn.registerCloseCallback(self._closed, host)
-        conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, host
-        )
-        conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._metadata, host
-        )
+        ids = [
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, host
+            ),
+            conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._metadata, host
+            ),
+        ]
+
+        def release() -> None:
+            for callback_id in ids:
+                conn.domainEventDeregisterAny(callback_id)
+            conn.unregisterCloseCallback()
+
+        return release
 
     def _lifecycle(self, conn: Any, dom: Any, event: int, detail: int, host: str) -> None:
         if conn is not self._conn:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from vmtelemetryd.hostsampler import HostSampler
 from vmtelemetryd.model import Sample
-from vmtelemetryd.sampler import SamplerError
+from vmtelemetryd.timedcalls import SamplerError
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from vmtelemetryd.features import Features
 from vmtelemetryd.lineprotocol import SeriesCache, encode, encode_info, encode_line
 from vmtelemetryd.metadatacache import MetadataCache
 from vmtelemetryd.model import Sample
-from vmtelemetryd.sampler import SamplerError
+from vmtelemetryd.timedcalls import SamplerError
 
 log = structlog.get_logger("vmtelemetryd")
 

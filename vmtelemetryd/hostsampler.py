@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vmtelemetryd.model import Sample
-from vmtelemetryd.sampler import Sampler, SamplerError, SamplerStuck
+from vmtelemetryd.sampler import Release, Sampler
+from vmtelemetryd.timedcalls import SamplerError, SamplerStuck
 
 AUTO_DOMAINS_PER_SHARD = 50
 AUTO_MAX_SHARDS = 4
@@ -49,7 +50,7 @@ class HostSampler:
         wants_domain: Callable[[str], bool],
         filtered: bool,
         host_tag: str | None,
-        on_connect: Callable[[Any, str], None] | None = None,
+        on_connect: Callable[[Any, str], Release] | None = None,
     ) -> None:
         self.uri = uri
         self._fixed = shards

@@ -1,28 +1,28 @@
 """The libvirt edge: one bulk stats request per cycle, turned into a ``Sample``.
 
-Every libvirt call runs on a daemon thread and is awaited with a timeout, so
-a hung libvirtd or QEMU monitor can stall neither the cycle past
-``LIBVIRT_TIMEOUT`` nor signal handling, nor the interpreter's exit. At most
-one call is in flight: a request stuck in libvirtd is not joined by another
-queued behind it.
+Every libvirt call runs on a thread of its own, awaited with a timeout
+(``timedcalls``). A request that timed out takes its connection along: the
+next one goes on a new connection, never queued behind the hung one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import libvirt
 
 from vmtelemetryd.model import DeviceKind, DeviceSample, Sample, VmSample
+from vmtelemetryd.timedcalls import SamplerError, SamplerStuck, TimedCaller
 
 T = TypeVar("T")
+
+Release = Callable[[], None]
+"""Deregisters what an ``on_connect`` hook registered on a connection."""
 
 STATS_GROUPS = (
     libvirt.VIR_DOMAIN_STATS_STATE
@@ -87,14 +87,6 @@ GROUP_PREFIX: Mapping[DeviceKind, str] = {"nic": "net", "disk": "block"}
 
 BACKOFF_FIRST_S = 1.0
 BACKOFF_CAP_S = 60.0
-
-
-class SamplerError(Exception):
-    """Why this cycle has no sample: libvirt unreachable, slow or failing."""
-
-
-class SamplerStuck(SamplerError):
-    """libvirt took a request and has not answered: the daemon is not making progress."""
 
 
 def parse_vm(name: str, uuid: str, instance: int, stats: Mapping[str, Any]) -> VmSample:
@@ -165,69 +157,17 @@ def _device_keys(
     return head + "name", tuple((head + k, f) for k, f in DEVICE_KEYS[kind].items())
 
 
-@dataclass
-class _Call:
-    """One libvirt call running on its own daemon thread."""
-
-    started: float
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Any = None
-    error: BaseException | None = None
-
-
-class _TimedCaller:
-    """Runs blocking calls off the caller's thread with a deadline.
-
-    A call that timed out keeps running. One such call is allowed to linger:
-    a QEMU monitor that never answers holds its domain's job forever, and the
-    next NOWAIT request skips that domain and answers for every other one. A
-    second stuck call means libvirtd itself is not answering: from then on
-    calls fail fast, so the watchdog can see that no progress is made.
-    """
-
-    def __init__(self, max_stuck: int = 1) -> None:
-        self._max_stuck = max_stuck
-        self._stuck: list[_Call] = []
-
-    @property
-    def lingering(self) -> bool:
-        """Whether a call that timed out is still running."""
-        return any(not c.done.is_set() for c in self._stuck)
-
-    def call(self, fn: Callable[[], T], timeout: float, what: str) -> T:
-        self._stuck = [c for c in self._stuck if not c.done.is_set()]
-        if len(self._stuck) > self._max_stuck:
-            oldest = time.monotonic() - self._stuck[0].started
-            raise SamplerStuck(f"libvirt has not answered earlier requests for {oldest:.0f} s")
-        call = _Call(started=time.monotonic())
-
-        def run() -> None:
-            try:
-                call.result = fn()
-            except BaseException as exc:  # handed to the waiting thread
-                call.error = exc
-            finally:
-                call.done.set()
-
-        threading.Thread(target=run, name=f"libvirt-{what}", daemon=True).start()
-        if not call.done.wait(timeout):
-            self._stuck.append(call)
-            raise SamplerStuck(f"libvirt {what} timed out after {timeout:g} s")
-        if call.error is not None:
-            raise call.error
-        result: T = call.result
-        return result
-
-
 class Sampler:
     """A read-only libvirt connection that yields one ``Sample`` per call.
 
-    Reconnects with capped exponential backoff; between attempts ``sample()``
-    fails fast instead of waiting on a dead daemon. Name, uuid and id come
-    with the handle each bulk request returns, at no extra RPC. Defined
+    Reconnects with capped exponential backoff when libvirt refuses or is gone;
+    between attempts ``sample()`` fails fast instead of waiting on a dead daemon.
+    Name, uuid and id come with the handle each bulk request returns, at no
+    extra RPC. Defined
     domains that do not run come from a second, state-only request: they
     have no monitor to ask, and show as stopped rather than as gone.
-    ``on_connect`` is called with each new connection and its host (event registration).
+    ``on_connect`` is called with each new connection and its host (event
+    registration); what it returns is called before that connection closes.
     """
 
     def __init__(
@@ -238,7 +178,7 @@ class Sampler:
         wants_domain: Callable[[str], bool],
         filtered: bool,
         host_tag: str | None,
-        on_connect: Callable[[Any, str], None] | None = None,
+        on_connect: Callable[[Any, str], Release] | None = None,
         share: tuple[int, int] = (0, 1),
     ) -> None:
         self._uri = uri
@@ -249,8 +189,9 @@ class Sampler:
         self._wants_domain = wants_domain
         self._filtered = filtered
         self._host_tag = host_tag
-        self._caller = _TimedCaller()
+        self._caller = TimedCaller()
         self._conn: Any = None
+        self._release: Release | None = None
         self._host = host_tag or ""
         self._next_attempt = 0.0
         self._backoff = BACKOFF_FIRST_S
@@ -293,30 +234,35 @@ class Sampler:
         return self._call_on_connection(read, "domain XML")
 
     def close(self) -> None:
-        """Forget the connection; the next ``sample()`` opens a new one.
+        """Close the connection; the next ``sample()`` opens a new one.
 
-        Never while a timed-out call still runs on it: closing a connection under
-        a call in flight frees it beneath that call (a segfault in libvirt-python,
-        seen here when a SIGSTOPped libvirtd resumed). The lingering call holds
-        the connection, and libvirt-python closes it when the last holder lets go.
+        No call runs on it: one that timed out took its connection along
+        (``_call_on_connection``).
         """
-        conn, self._conn = self._conn, None
-        if conn is not None and not self._caller.lingering:
-            with contextlib.suppress(SamplerError, libvirt.libvirtError):
-                self._caller.call(conn.close, self._timeout, "close")
+        conn, release = self._conn, self._release
+        self._conn = self._release = None
+        self._handles = {}  # each domain handle holds its connection open too
+        if conn is not None:
+            with contextlib.suppress(SamplerError):
+                self._caller.call(lambda: _shut(conn, release), self._timeout, "close")
 
     def _call_on_connection(self, fn: Callable[[], T], what: str) -> T:
-        """A call on the open connection; one that times out leaves the connection behind.
+        """A call on the open connection; one that times out takes the connection along.
 
         The next request on it may queue behind the hung one and hang too (libvirt 9.0,
         a SIGSTOPped QEMU: 2 in 20 with shares, 1 in 20 listing with one share), leaving
         every domain unsampled; on a new connection NOWAIT skipped the hung domain 30 in
         30. If libvirtd itself hangs, the new connect times out and says so.
+        The hung call closes its connection once it ends: closing it under the call
+        would free it beneath that call (a segfault in libvirt-python, seen here when a
+        SIGSTOPped libvirtd resumed).
         """
+        conn, release = self._conn, self._release
         try:
-            return self._caller.call(fn, self._timeout, what)
+            return self._caller.call(fn, self._timeout, what, late=lambda _: _shut(conn, release))
         except SamplerStuck:
-            self.close()
+            self._conn = self._release = None
+            self._handles = {}
             raise
 
     def _request(self, conn: Any) -> list[tuple[Any, dict[str, Any]]]:
@@ -355,16 +301,24 @@ class Sampler:
             wait = self._next_attempt - now
             raise SamplerError(f"libvirt at {self._uri} unavailable; next attempt in {wait:.0f} s")
         try:
+            # One that answers late has no callbacks: libvirt-python closes it when dropped.
             conn = self._caller.call(
                 lambda: libvirt.openReadOnly(self._uri), self._timeout, "connect"
             )
-            host = self._host_tag or self._caller.call(conn.getHostname, self._timeout, "hostname")
+            host = self._host_tag or self._caller.call(
+                conn.getHostname, self._timeout, "hostname", late=lambda _: _shut(conn, None)
+            )
+            release = None
             if self._on_connect is not None:
-                hook = self._on_connect
-                hostname = str(host)
-                self._caller.call(lambda: hook(conn, hostname), self._timeout, "event registration")
+                hook, hostname = self._on_connect, str(host)
+                release = self._caller.call(
+                    lambda: hook(conn, hostname),
+                    self._timeout,
+                    "event registration",
+                    late=lambda registered: _shut(conn, registered),
+                )
         except SamplerStuck as exc:
-            # No backoff: the calls still waiting bound the attempts (_TimedCaller), and
+            # No backoff: the calls still waiting bound the attempts (TimedCaller), and
             # once libvirtd answers them the next cycle connects at once.
             raise SamplerStuck(f"cannot connect to libvirt at {self._uri}: {exc}") from exc
         except (SamplerError, libvirt.libvirtError) as exc:
@@ -372,11 +326,22 @@ class Sampler:
             self._backoff = min(self._backoff * 2, BACKOFF_CAP_S)
             reason = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
             raise SamplerError(f"cannot connect to libvirt at {self._uri}: {reason}") from exc
-        self._conn, self._host = conn, str(host)
+        self._conn, self._release, self._host = conn, release, str(host)
         self._backoff = BACKOFF_FIRST_S
         self.reconnects += self._ever_connected
         self._ever_connected = True
         return conn
+
+
+def _shut(conn: Any, release: Release | None) -> None:
+    """Deregister the connection's callbacks, then close it. Each callback holds the
+    connection: libvirt kept one with events registered open after ``close()`` (which
+    returned 1, and the socket stayed)."""
+    if release is not None:
+        with contextlib.suppress(libvirt.libvirtError):
+            release()
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.close()
 
 
 def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
