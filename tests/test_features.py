@@ -251,6 +251,16 @@ def test_restarted_vm_starts_afresh() -> None:
     assert fields["cpu_pct_angle_deg"] == 0.0
 
 
+def test_a_vm_listed_twice_in_one_sample_is_derived_once() -> None:
+    f = Features(5)
+    for t in (0.0, 1.0, 2.0):
+        twice = sample(t, vm(cpu(int(t) * 10**9)), vm(cpu(int(t) * 10**9 // 2)))
+        fields = fields_of(f, twice)
+    assert fields["cpu_pct"] == 100.0  # the first of the two
+    (history,) = f.snapshot().values()
+    assert history.windows == {"cpu_pct": ((1.0, 100.0), (2.0, 100.0))}
+
+
 def test_vm_absent_from_a_sample_is_forgotten() -> None:
     f = Features(5)
     other = vm(cpu(0), uuid="other")

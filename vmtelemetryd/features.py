@@ -48,7 +48,7 @@ _ANGLE_OF = {
 """Each field's angle name, and whether its slope is taken relative to its mean."""
 _DEGREES_PER_RADIAN = 180 / math.pi  # math.degrees' own factor, without its call
 _STEEPEST = 90 - 10 ** (2 - FLOAT_DIGITS)
-"""The steepest angle kept: a steeper one, written with ``FLOAT_DIGITS``, would read 90."""
+"""The steepest angle kept: ``FLOAT_DIGITS`` digits no longer tell a steeper one from 90."""
 
 Counters = Mapping[str, int]
 
@@ -151,6 +151,8 @@ class Features:
         host_before = self._times
         host_times = self._times = (*host_before[keep:], now)
         for vm in sample.vms:
+            if vm.uuid in states:
+                continue  # one sample, one value per window: the first of a uuid listed twice
             devices = _devices(vm)
             state = self._states.get(vm.uuid)
             if state is not None and state.instance == vm.instance:
