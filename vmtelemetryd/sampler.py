@@ -163,9 +163,8 @@ class Sampler:
     Reconnects with capped exponential backoff when libvirt refuses or is gone;
     between attempts ``sample()`` fails fast instead of waiting on a dead daemon.
     Name, uuid and id come with the handle each bulk request returns, at no
-    extra RPC. Defined
-    domains that do not run come from a second, state-only request: they
-    have no monitor to ask, and show as stopped rather than as gone.
+    extra RPC. Defined domains that do not run come from a second, state-only
+    request: they have no monitor to ask, and show as stopped rather than as gone.
     ``on_connect`` is called with each new connection and its host (event
     registration); what it returns is called before that connection closes.
     """
@@ -239,9 +238,7 @@ class Sampler:
         No call runs on it: one that timed out took its connection along
         (``_call_on_connection``).
         """
-        conn, release = self._conn, self._release
-        self._conn = self._release = None
-        self._handles = {}  # each domain handle holds its connection open too
+        conn, release = self._forget()
         if conn is not None:
             with contextlib.suppress(SamplerError):
                 self._caller.call(lambda: _shut(conn, release), self._timeout, "close")
@@ -261,9 +258,15 @@ class Sampler:
         try:
             return self._caller.call(fn, self._timeout, what, late=lambda _: _shut(conn, release))
         except SamplerStuck:
-            self._conn = self._release = None
-            self._handles = {}
+            self._forget()
             raise
+
+    def _forget(self) -> tuple[Any, Release | None]:
+        """Drop the connection, what releases its callbacks, and its domain handles (each
+        holds the connection open too); closing it is the caller's, or the hung call's."""
+        conn, release = self._conn, self._release
+        self._conn, self._release, self._handles = None, None, {}
+        return conn, release
 
     def _request(self, conn: Any) -> list[tuple[Any, dict[str, Any]]]:
         """Running (and paused) domains with every group, then the others' state alone."""
