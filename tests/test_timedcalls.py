@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
+from systemdns import wait_for
 
 from vmtelemetryd.timedcalls import SamplerStuck, TimedCaller
-
-
-def wait_for(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 5
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
 
 
 def test_a_call_that_ends_after_its_timeout_hands_its_result_to_late() -> None:
@@ -30,7 +23,7 @@ def test_a_call_that_ends_after_its_timeout_hands_its_result_to_late() -> None:
         TimedCaller().call(slow, 0.05, "slow", late=late.append)
     assert late == []
     gate.set()
-    wait_for(lambda: late == ["answer"])
+    wait_for(lambda: late == ["answer"], 5, "the late result")
 
 
 def test_a_late_call_that_fails_hands_on_none() -> None:
@@ -44,7 +37,7 @@ def test_a_late_call_that_fails_hands_on_none() -> None:
     with pytest.raises(SamplerStuck):
         TimedCaller().call(failing, 0.05, "failing", late=late.append)
     gate.set()
-    wait_for(lambda: late == [None])
+    wait_for(lambda: late == [None], 5, "None for the late failure")
 
 
 def test_a_call_within_its_timeout_returns_and_never_calls_late() -> None:
@@ -72,4 +65,4 @@ def test_with_two_calls_stuck_the_next_fails_fast_without_being_started() -> Non
         except SamplerStuck:  # the stuck calls are still ending
             return False
 
-    wait_for(answers)
+    wait_for(answers, 5, "an answer once the stuck calls ended")
