@@ -407,6 +407,12 @@ def test_encode_line_escapes_measurement_and_field_keys() -> None:
     assert parse(line) == Line("my meas,x=y", {}, {"a b": 1, "c,d=e": 2.5}, 7)
 
 
+def test_a_percent_sign_in_a_float_key_is_written_as_it_is() -> None:
+    # float fields are written through a %-format made from their keys
+    line = encode_line("m", {}, {"used_%d": 1.5, "100%%": 2.0}, 7)
+    assert line == "m used_%d=1.5,100%%=2 7"
+
+
 def test_encode_line_without_writable_fields_is_none() -> None:
     assert encode_line("m", {"t": "v"}, {}, 1) is None
     assert encode_line("m", {"t": "v"}, {"x": math.nan, "y": 2**63}, 1) is None

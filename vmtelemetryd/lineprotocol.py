@@ -62,6 +62,7 @@ report.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -282,9 +283,19 @@ def _float_fields(values: Mapping[str, float]) -> str:
     """``key=12.5,...`` for finite values, keys as in ``_int_fields``.
 
     The values must be floats (features.py makes only floats): ``float(v)``
-    on each was a third of this function's time (bench_cycle.py).
+    on each was a third of this function's time (bench_cycle.py). One format
+    of a template made once per set of keys: 3.7 against 5.0 µs for 22 values.
     """
+    written = tuple(values.values())
+    if all(map(math.isfinite, written)):
+        return _float_template(tuple(values)) % written
     return ",".join([_FLOAT_FIELD % (k, v) for k, v in values.items() if math.isfinite(v)])
+
+
+@functools.lru_cache(maxsize=256)
+def _float_template(keys: tuple[str, ...]) -> str:
+    """Few sets of keys: the derived values a VM has, with or without some angles."""
+    return ",".join(_FLOAT_FIELD.replace("%s", key.replace("%", "%%"), 1) for key in keys)
 
 
 def _totals(vm: VmSample) -> dict[str, int]:
