@@ -234,6 +234,21 @@ def test_time_standing_still_gives_no_rate() -> None:
     assert "cpu_pct" not in fields_of(f, sample(5.0, vm(cpu(10**9))))
 
 
+def test_disk_rates_of_a_vm_asked_again_are_timed_by_when_its_disks_were_read() -> None:
+    def busy(t: float, read: int, late: float) -> Sample:
+        devices = (nic("vnet0", rx_bytes=read), disk("vda", rd_bytes=read))
+        asked_again = VmSample("vm1", UUID, 1, {}, devices, {"nic": 1, "disk": 1}, late)
+        return sample(t, asked_again)
+
+    f = Features(5)
+    f.derive(busy(100.0, 0, 0.0))
+    # its disks were read 0.25 s after its NIC, whose counters span the whole 1 s
+    later = fields_of(f, busy(101.0, 1250, 0.25))
+    assert later["disk_rd_bps"] == 1000.0 and later["net_rx_bps"] == 1250.0
+    # back in step: the disks' span is 0.75 s
+    assert fields_of(f, busy(102.0, 2000, 0.0))["disk_rd_bps"] == 1000.0
+
+
 # --- instances and forgetting ------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,20 @@ def test_a_restarted_daemon_goes_on_as_if_it_had_never_stopped(tmp_path: Path) -
         expected = fields_of(running, busy(float(t)))
         assert fields_of(started, busy(float(t))) == expected
         assert {"cpu_pct", "cpu_pct_angle_deg", "net_rx_bps_angle_deg"} <= set(expected)
+
+
+def test_how_late_a_vms_disks_were_read_is_kept_across_a_restart(tmp_path: Path) -> None:
+    first = busy(104.0)
+    late = replace(first, vms=(replace(first.vms[0], monitor_late_s=0.3),))
+    running, stopped = fed(range(100, 104)), fed(range(100, 104))
+    running.derive(late)
+    stopped.derive(late)
+    featurestate.save({HOST: stopped}, tmp_path)
+    started = Features(4)
+    featurestate.restore({HOST: started}, tmp_path)
+    expected = fields_of(running, busy(105.0))
+    assert fields_of(started, busy(105.0)) == expected
+    assert expected["disk_rd_bps"] == pytest.approx(512 / 0.7)
 
 
 def test_the_state_is_taken_back_once(tmp_path: Path) -> None:

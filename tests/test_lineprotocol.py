@@ -411,6 +411,9 @@ def test_a_percent_sign_in_a_float_key_is_written_as_it_is() -> None:
     # float fields are written through a %-format made from their keys
     line = encode_line("m", {}, {"used_%d": 1.5, "100%%": 2.0}, 7)
     assert line == "m used_%d=1.5,100%%=2 7"
+    values = {"a%(x)s": 0.5, "b": math.nan, "c%": 3.25, "d": 1.0}
+    line = encode(sample(vm()), {UUID: VmFeatures(UUID, values)})[0]
+    assert parse(line).fields == {"a%(x)s": 0.5, "c%": 3.25, "d": 1.0}
 
 
 def test_encode_line_without_writable_fields_is_none() -> None:

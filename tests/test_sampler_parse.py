@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmtelemetryd.sampler import monitor_skipped, parse_vm
+from vmtelemetryd.sampler import parse_vm
 
 
 def vcpus(*delays: int | None, offline: int = 0) -> dict[str, Any]:
@@ -35,29 +35,3 @@ def test_an_offline_vcpu_does_not_count() -> None:
 def test_cpu_delay_is_left_out_when_a_running_vcpu_does_not_report_it() -> None:
     assert "cpu_delay_ns" not in parse_vm("a", "u", 1, vcpus(5, None)).metrics
     assert "cpu_delay_ns" not in parse_vm("a", "u", 1, {"state.state": 3}).metrics
-
-
-# What NOWAIT returned here for a running guest with two disks whose job another
-# client held: names and paths, no counters (and no balloon figures).
-SKIPPED_DISKS = {
-    "block.count": 2,
-    "block.0.name": "vda",
-    "block.0.path": "/var/lib/libvirt/images/a.qcow2",
-    "block.1.name": "vdb",
-    "block.1.path": "/var/lib/libvirt/images/b.qcow2",
-}
-
-
-def test_a_domain_whose_disks_came_without_counters_was_skipped_by_nowait() -> None:
-    assert monitor_skipped(SKIPPED_DISKS)
-    assert not monitor_skipped(SKIPPED_DISKS | {"block.0.rd.reqs": 0, "block.0.wr.reqs": 0})
-
-
-def test_one_disk_without_counters_beside_one_with_them_was_not_skipped() -> None:
-    # an empty CD-ROM drive may report no counters of its own
-    assert not monitor_skipped(SKIPPED_DISKS | {"block.1.rd.reqs": 4})
-
-
-def test_a_domain_without_disks_or_block_group_is_never_taken_for_skipped() -> None:
-    assert not monitor_skipped({"block.count": 0, "state.state": 1})
-    assert not monitor_skipped({"state.state": 5})

@@ -279,8 +279,13 @@ def _add_rates(
         _add_growth(values, pair, _VCPU_SHARES, elapsed * 1e9 * vcpus, 100)
     for kind, rates in _RATES_BY_KIND.items():
         pairs = _matched(devices, previous.devices, kind)
-        if pairs is not None:
-            _add_growth(values, pairs, rates, elapsed, 1)
+        if pairs is None:
+            continue
+        span = elapsed
+        if kind == "disk":  # read with the monitor groups: maybe apart from the rest
+            span += current.monitor_late_s - previous.last.monitor_late_s
+        if span > 0:
+            _add_growth(values, pairs, rates, span, 1)
 
 
 def _mem_used_pct(metrics: Counters) -> float | None:

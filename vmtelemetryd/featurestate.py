@@ -127,6 +127,7 @@ def _encoded(history: VmHistory) -> dict[str, object]:
             "metrics": dict(last.metrics),
             "devices": [[d.kind, d.name, dict(d.counters)] for d in last.devices],
             "device_counts": dict(last.device_counts),
+            "monitor_late_s": last.monitor_late_s,
         },
         "windows": dict(history.windows),  # tuples of (time, value) come out as JSON arrays
     }
@@ -158,6 +159,7 @@ def _history(value: object) -> VmHistory:
             _kind(kind): _typed(n, int)
             for kind, n in _typed(last.get("device_counts"), dict).items()
         },
+        monitor_late_s=_typed(last.get("monitor_late_s", 0.0), float),
     )
     windows = {
         name: tuple(_point(p) for p in _typed(points, list))

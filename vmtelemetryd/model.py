@@ -113,6 +113,8 @@ class VmSample:
     changes on every start), so rates never span a restart.
     ``device_counts`` has a kind only when libvirt reported that stats group
     this cycle: a missing kind is "unknown", ``0`` is "has none".
+    ``monitor_late_s``: how much later than the rest its memory figures and
+    disk counters were read, when the VM was asked for them again (monitorgroups).
     """
 
     name: str
@@ -121,6 +123,7 @@ class VmSample:
     metrics: Mapping[str, int]
     devices: tuple[DeviceSample, ...]
     device_counts: Mapping[DeviceKind, int]
+    monitor_late_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

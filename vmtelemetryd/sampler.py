@@ -2,7 +2,8 @@
 
 Every libvirt call runs on a thread of its own, awaited with a timeout
 (``timedcalls``). A request that timed out takes its connection along: the
-next one goes on a new connection, never queued behind the hung one.
+next one goes on a new connection, never queued behind the hung one. Within
+the request, the domains NOWAIT found busy are asked once more (``monitorgroups``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import libvirt
 
 from vmtelemetryd.model import DeviceKind, DeviceSample, Sample, VmSample
+from vmtelemetryd.monitorgroups import Pairs, ask_again_if_busy
 from vmtelemetryd.timedcalls import SamplerError, SamplerStuck, TimedCaller
 
 T = TypeVar("T")
@@ -85,17 +87,13 @@ DEVICE_KEYS: Mapping[DeviceKind, Mapping[str, str]] = {
 }
 GROUP_PREFIX: Mapping[DeviceKind, str] = {"nic": "net", "disk": "block"}
 
-# Another client's stats call holds a domain's job while QEMU answers it (3.8 ms
-# median here): NOWAIT then leaves the domain's balloon and block groups out,
-# in 5 % of samples beside a reader polling every 0.1 s. Asked again this much
-# later, none of 34 such domains still lacked them.
-BUSY_RETRY_AFTER_S = 0.02
-
 BACKOFF_FIRST_S = 1.0
 BACKOFF_CAP_S = 60.0
 
 
-def parse_vm(name: str, uuid: str, instance: int, stats: Mapping[str, Any]) -> VmSample:
+def parse_vm(
+    name: str, uuid: str, instance: int, stats: Mapping[str, Any], monitor_late_s: float = 0.0
+) -> VmSample:
     """Turn one domain's libvirt stats dict into schema names; keep only what was reported."""
     metrics = {field: int(stats[key]) for key, field in VM_KEYS.items() if key in stats}
     delay = _vcpu_delay_ns(stats)
@@ -116,6 +114,7 @@ def parse_vm(name: str, uuid: str, instance: int, stats: Mapping[str, Any]) -> V
         metrics=metrics,
         devices=tuple(devices),
         device_counts=counts,
+        monitor_late_s=monitor_late_s,
     )
 
 
@@ -137,15 +136,6 @@ def _vcpu_keys(maximum: int) -> tuple[tuple[str, str], ...]:
     """``(vcpu.N.time, vcpu.N.delay)`` for N below ``maximum``: the strings are made once,
     not for every vCPU of every domain each cycle; one entry per vCPU count seen."""
     return tuple((f"vcpu.{n}.time", f"vcpu.{n}.delay") for n in range(maximum))
-
-
-def monitor_skipped(stats: Mapping[str, Any]) -> bool:
-    """Whether NOWAIT left out this running domain's monitor groups: it lists disks,
-    and none has counters (one disk may have none of its own, an empty CD-ROM)."""
-    count = int(stats.get("block.count", 0))
-    return count > 0 and not any(
-        _device_keys("block", i, "disk")[1][0][0] in stats for i in range(count)
-    )
 
 
 def _parse_devices(
@@ -222,13 +212,16 @@ class Sampler:
         wall_ns = time.time_ns()
         monotonic = time.monotonic()
         try:
-            pairs = self._call_on_connection(lambda: self._request(conn), "stats request")
+            pairs, late = self._call_on_connection(lambda: self._request(conn), "stats request")
         except libvirt.libvirtError as exc:
             self.close()
             raise SamplerError(f"libvirt stats request failed: {exc.get_error_message()}") from exc
         named = [(dom.UUIDString(), dom, stats) for dom, stats in pairs]
         self._handles = {uuid: dom for uuid, dom, _ in named}
-        vms = tuple(parse_vm(dom.name(), uuid, dom.ID(), stats) for uuid, dom, stats in named)
+        vms = tuple(
+            parse_vm(dom.name(), uuid, dom.ID(), stats, late.get(uuid, 0.0))
+            for uuid, dom, stats in named
+        )
         return Sample(host=self._host, wall_ns=wall_ns, monotonic=monotonic, vms=vms)
 
     def domain_xml(self, uuids: Sequence[str]) -> dict[str, str]:
@@ -264,7 +257,8 @@ class Sampler:
         The next request on it may queue behind the hung one and hang too (libvirt 9.0,
         a SIGSTOPped QEMU: 2 in 20 with shares, 1 in 20 listing with one share), leaving
         every domain unsampled; on a new connection NOWAIT skipped the hung domain 30 in
-        30. If libvirtd itself hangs, the new connect times out and says so.
+        30 (and each request asks it once more, 20 ms later: ``monitorgroups``). If
+        libvirtd itself hangs, the new connect times out and says so.
         The hung call closes its connection once it ends: closing it under the call
         would free it beneath that call (a segfault in libvirt-python, seen here when a
         SIGSTOPped libvirtd resumed).
@@ -283,26 +277,32 @@ class Sampler:
         self._conn, self._release, self._handles = None, None, {}
         return conn, release
 
-    def _request(self, conn: Any) -> list[tuple[Any, dict[str, Any]]]:
-        """Running (and paused) domains with every group, then the others' state alone."""
+    def _request(self, conn: Any) -> tuple[Pairs, dict[str, float]]:
+        """Running (and paused) domains with every group, then the others' state alone;
+        and, by uuid, how late the monitor groups of those asked again were read."""
+        asked = time.monotonic()
         if not self._filtered and self.share[1] == 1:
-            running: list[tuple[Any, dict[str, Any]]] = conn.getAllDomainStats(
-                STATS_GROUPS, ACTIVE_ONLY | STATS_FLAGS
-            )
-            stopped: list[tuple[Any, dict[str, Any]]] = conn.getAllDomainStats(
-                STATE_ONLY, INACTIVE_ONLY
-            )
+            running: Pairs = conn.getAllDomainStats(STATS_GROUPS, ACTIVE_ONLY | STATS_FLAGS)
+            answered = time.monotonic()
+            stopped: Pairs = conn.getAllDomainStats(STATE_ONLY, INACTIVE_ONLY)
         else:
             running = self._listed_stats(conn, LIST_ACTIVE, STATS_GROUPS)
+            answered = time.monotonic()
             stopped = self._listed_stats(conn, LIST_INACTIVE, STATE_ONLY)
-        return _asked_again_if_busy(conn, running) + stopped
+        pairs, late = ask_again_if_busy(
+            running,
+            (asked, answered),
+            lambda busy: conn.domainListGetStats(busy, STATS_GROUPS, STATS_FLAGS),
+            asked + self._timeout / 2,
+        )
+        return pairs + stopped, late
 
-    def _listed_stats(self, conn: Any, listing: int, groups: int) -> list[tuple[Any, Any]]:
+    def _listed_stats(self, conn: Any, listing: int, groups: int) -> Pairs:
         domains = [d for d in conn.listAllDomains(listing) if self._mine(d)]
         if not domains:
             return []
         # A domain gone since the listing is skipped by libvirt, not an error.
-        pairs: list[tuple[Any, Any]] = conn.domainListGetStats(domains, groups, STATS_FLAGS)
+        pairs: Pairs = conn.domainListGetStats(domains, groups, STATS_FLAGS)
         return pairs
 
     def _mine(self, dom: Any) -> bool:
@@ -353,29 +353,6 @@ class Sampler:
         self.reconnects += self._ever_connected
         self._ever_connected = True
         return conn
-
-
-def _asked_again_if_busy(
-    conn: Any, running: list[tuple[Any, dict[str, Any]]]
-) -> list[tuple[Any, dict[str, Any]]]:
-    """``running`` with each domain that NOWAIT found busy asked once more, a moment
-    later, within the same timed call; the second answer kept only if it is whole.
-
-    A domain whose job stays held (a migration, a QEMU that hangs) costs one more
-    NOWAIT call and that moment per cycle, and stays without its monitor groups.
-    """
-    busy = [dom for dom, stats in running if monitor_skipped(stats)]
-    if not busy:
-        return running
-    time.sleep(BUSY_RETRY_AFTER_S)
-    whole = {
-        dom.UUIDString(): (dom, stats)
-        for dom, stats in conn.domainListGetStats(busy, STATS_GROUPS, STATS_FLAGS)
-        if not monitor_skipped(stats)
-    }
-    if not whole:
-        return running
-    return [whole.get(dom.UUIDString(), (dom, stats)) for dom, stats in running]
 
 
 def _shut(conn: Any, release: Release | None) -> None:
