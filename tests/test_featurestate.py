@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -122,6 +123,9 @@ EDITS: dict[str, Edit] = {
     "a counter that is text": lambda d: vm_of(d)["last"]["metrics"].update(cpu_time_ns="lots"),
     "a window point that is not a pair": lambda d: vm_of(d)["windows"].update(cpu_pct=[[1.0]]),
     "an unknown device kind": lambda d: vm_of(d)["last"].update(devices=[["gpu", "g0", {}]]),
+    "a negative lateness": lambda d: vm_of(d)["last"].update(monitor_late_s=-0.5),
+    "an endless lateness": lambda d: vm_of(d)["last"].update(monitor_late_s=math.inf),
+    "a lateness that is text": lambda d: vm_of(d)["last"].update(monitor_late_s="0.2"),
     "hosts that are not an object": lambda d: d.update(hosts=[]),
     "a host whose vms are not an object": lambda d: d["hosts"].update({HOST: []}),
 }

@@ -6,7 +6,16 @@ The dicts have the shapes libvirt 9.0 returned here; the lab test
 
 from __future__ import annotations
 
-from vmtelemetryd.monitorgroups import monitor_skipped, with_monitor_groups
+import time
+
+import pytest
+
+from vmtelemetryd.monitorgroups import (
+    ask_again_if_busy,
+    monitor_skipped,
+    read_at,
+    with_monitor_groups,
+)
 
 # A running guest with two disks and a NIC, its job held by another client's call:
 # CPU, vCPU and NIC figures, the balloon's size, disk names; no memory stats, no
@@ -58,3 +67,18 @@ def test_a_monitor_key_the_second_answer_lacks_is_not_kept_from_the_first() -> N
     second = {k: v for k, v in WHOLE.items() if not k.startswith("block.1.")} | {"block.count": 1}
     merged = with_monitor_groups(BUSY, second)
     assert merged["block.count"] == 1 and "block.1.name" not in merged
+
+
+def test_no_second_ask_once_the_deadline_is_too_near() -> None:
+    def ask(domains: list[object]) -> list[tuple[object, dict[str, object]]]:
+        pytest.fail("asked again past the deadline")
+
+    running = [(None, BUSY), (None, WHOLE)]
+    now = time.monotonic()
+    assert ask_again_if_busy(running, (now - 1, now), ask, now + 0.01) == (running, {})
+
+
+def test_a_domain_is_taken_as_read_at_its_place_in_its_request() -> None:
+    # four domains over 8 ms: the third was read about 5 ms in
+    assert read_at((10.0, 10.008), 2, 4) == pytest.approx(10.005)
+    assert read_at((10.0, 10.008), 0, 1) == pytest.approx(10.004)

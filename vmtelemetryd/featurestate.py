@@ -34,6 +34,7 @@ log = structlog.get_logger("vmtelemetryd.featurestate")
 
 _KINDS: Mapping[str, DeviceKind] = {"nic": "nic", "disk": "disk"}
 T = TypeVar("T")
+_LATEST_S = 3600.0  # far beyond any request: LIBVIRT_TIMEOUT bounds a second ask
 
 
 class _Unusable(ValueError):
@@ -159,7 +160,7 @@ def _history(value: object) -> VmHistory:
             _kind(kind): _typed(n, int)
             for kind, n in _typed(last.get("device_counts"), dict).items()
         },
-        monitor_late_s=_typed(last.get("monitor_late_s", 0.0), float),
+        monitor_late_s=_late(last.get("monitor_late_s", 0.0)),
     )
     windows = {
         name: tuple(_point(p) for p in _typed(points, list))
@@ -184,6 +185,14 @@ def _kind(value: object) -> DeviceKind:
 
 def _counters(value: object) -> dict[str, int]:
     return {name: _typed(n, int) for name, n in _typed(value, dict).items()}
+
+
+def _late(value: object) -> float:
+    """How late a VM's disks were read: within one request, never negative. Anything
+    else was not written by this daemon, and would skew the next disk rates."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= _LATEST_S:
+        raise _Unusable(f"monitor_late_s {value!r} is not between 0 and {_LATEST_S:g} s")
+    return float(value)
 
 
 def _point(value: object) -> Point:

@@ -37,6 +37,7 @@ STATS_GROUPS = (
 # NOWAIT: a domain whose job is held (migration, stuck monitor) comes back
 # without its monitor groups instead of stalling every other domain.
 STATS_FLAGS = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+MONITOR_GROUPS = libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_BLOCK
 ACTIVE_ONLY = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
 INACTIVE_ONLY = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_INACTIVE
 LIST_ACTIVE = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
@@ -292,7 +293,7 @@ class Sampler:
         pairs, late = ask_again_if_busy(
             running,
             (asked, answered),
-            lambda busy: conn.domainListGetStats(busy, STATS_GROUPS, STATS_FLAGS),
+            lambda busy: _monitor_groups(conn, busy),
             asked + self._timeout / 2,
         )
         return pairs + stopped, late
@@ -353,6 +354,15 @@ class Sampler:
         self.reconnects += self._ever_connected
         self._ever_connected = True
         return conn
+
+
+def _monitor_groups(conn: Any, domains: list[Any]) -> Pairs:
+    """The groups a busy domain lacked; none if the ask fails: the first answer stands."""
+    try:
+        pairs: Pairs = conn.domainListGetStats(domains, MONITOR_GROUPS, STATS_FLAGS)
+    except libvirt.libvirtError:
+        return []
+    return pairs
 
 
 def _shut(conn: Any, release: Release | None) -> None:
